@@ -1,0 +1,87 @@
+"""Typed records that flow between the text encoder, the fusion head and the generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TextEmbedding:
+    """What a text encoder returns for a batch of captions.
+
+    tokens: [B, L, D_text] hidden states (zero where mask is False)
+    mask:   [B, L] bool, True for real tokens
+    pooled: [B, D_text] one vector per caption
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> TextEmbedding:
+        return TextEmbedding(self.tokens[index], self.mask[index], self.pooled[index])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEmbedding:
+        """Move to a device; `dtype` applies to the float tensors only (the mask stays bool)."""
+        return TextEmbedding(
+            self.tokens.to(device=device, dtype=dtype),
+            self.mask.to(device=device),
+            self.pooled.to(device=device, dtype=dtype),
+        )
+
+    def trimmed(self) -> TextEmbedding:
+        """Drop trailing columns that are padding in every row (cheaper cross-attention)."""
+        length = max(int(self.mask.sum(1).max()), 1)
+        return TextEmbedding(self.tokens[:, :length], self.mask[:, :length], self.pooled)
+
+    @staticmethod
+    def cat(parts: list[TextEmbedding]) -> TextEmbedding:
+        """Concatenate along the batch, right-padding token sequences to the longest."""
+        length = max(p.tokens.shape[1] for p in parts)
+
+        def pad(t: Tensor) -> Tensor:
+            return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) if t.ndim == 3 else \
+                torch.nn.functional.pad(t, (0, length - t.shape[1]))
+
+        return TextEmbedding(
+            torch.cat([pad(p.tokens) for p in parts]),
+            torch.cat([pad(p.mask) for p in parts]),
+            torch.cat([p.pooled for p in parts]),
+        )
+
+
+@dataclass
+class Conditioning:
+    """What a fusion head hands the generator.
+
+    tokens: [B, L', D_cond] for cross-attention, or None
+    mask:   [B, L'] bool, or None
+    vector: [B, D_vec] for vector conditioning (time-embedding add, FiLM), or None
+    """
+
+    tokens: Tensor | None = None
+    mask: Tensor | None = None
+    vector: Tensor | None = None
+
+
+@dataclass
+class Batch:
+    """One training or evaluation batch.
+
+    images:   [B, 3, H, W] float in [-1, 1]
+    captions: the raw captions (for grids, logging and trainable encoders)
+    text:     cached embeddings of the captions when the encoder is frozen, else None
+    """
+
+    images: Tensor
+    captions: list[str]
+    text: TextEmbedding | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
