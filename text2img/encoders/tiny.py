@@ -1,0 +1,69 @@
+"""A randomly initialised two-layer GPT-2 with a byte-level tokenizer: a fast, offline encoder for tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import GPT2Config, GPT2Model, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from text2img.encoders.hf import HFTextEncoder
+
+PAD, BOS, EOS = 256, 257, 258
+VOCAB_SIZE = 259
+POSITIONS = 512  # fixed, so the seeded weights do not depend on max_length
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in that byte-level pre-tokenization uses for each byte (GPT-2's mapping)."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    spare = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(spare)) for b in range(256)]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """UTF-8 byte b is token b; 256/257/258 are pad/bos/eos; every sequence starts with bos."""
+    vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<pad>", "<bos>", "<eos>"])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+class TinyEncoder(HFTextEncoder):
+    """Deterministic for a given `seed` and `hidden_size`; builds in milliseconds."""
+
+    def __init__(
+        self,
+        hidden_size: int = 64,
+        layer: int = -1,
+        max_length: int = 16,
+        pooling: str = "last",
+        template: str = "{caption}",
+        seed: int = 0,
+        batch_size: int = 64,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__(
+            model=f"tiny-gpt2-{hidden_size}d-seed{seed}",
+            hidden_size=hidden_size,
+            layer=layer,
+            max_length=max_length,
+            pooling=pooling,
+            template=template,
+            batch_size=batch_size,
+            trainable=trainable,
+        )
+        self.seed = seed
+
+    def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+        config = GPT2Config(
+            n_layer=2, n_embd=self.hidden_size, n_head=2, n_positions=POSITIONS, vocab_size=VOCAB_SIZE,
+            bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        )
+        # Seed a private RNG stream so building the encoder leaves the caller's random state alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = GPT2Model(config)
+        return byte_tokenizer(), model.eval()
