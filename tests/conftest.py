@@ -24,3 +24,67 @@ def asset_cache_dir() -> Path:
     path = Path(os.environ.get("TEXT2IMG_CACHE", REPO_ROOT / ".cache"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def compose_train(tmp_path: Path, overrides: list[str] = ()) -> "DictConfig":  # noqa: F821
+    """Compose conf/train.yaml as the CLI would, with all run outputs under tmp_path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO_ROOT)
+        cfg.paths.log_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path)
+        del cfg.hydra
+    return cfg
+
+
+def write_imagefolder(root: Path, n: int = 48, size: int = 32) -> Path:
+    """A small captioned dataset in the diffusers imagefolder layout: coloured squares and discs."""
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
+    shapes = ["square", "circle", "triangle"]
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        colour = list(colours)[i % len(colours)]
+        shape = shapes[(i // len(colours)) % len(shapes)]
+        image = Image.new("RGB", (size, size), "white")
+        draw = ImageDraw.Draw(image)
+        lo, hi = int(rng.integers(2, 8)), int(rng.integers(24, 30))
+        if shape == "square":
+            draw.rectangle([lo, lo, hi, hi], fill=colours[colour])
+        elif shape == "circle":
+            draw.ellipse([lo, lo, hi, hi], fill=colours[colour])
+        else:
+            draw.polygon([(lo, hi), (hi, hi), ((lo + hi) // 2, lo)], fill=colours[colour])
+        name = f"{i:03d}.png"
+        image.save(root / name)
+        lines.append(json.dumps({"file_name": name, "text": f"a {colour} {shape} number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    return write_imagefolder(tmp_path / "data")
+
+
+def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
+    """A seconds-long real training run on a small image folder (tiny encoder and UNet)."""
+    return ["debug=smoke", "data=imagefolder", f"data.source.path={data_dir}", "data.source.val_fraction=0.2",
+            "data.source.test_fraction=0.2", *extra]

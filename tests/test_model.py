@@ -1,0 +1,182 @@
+"""Fusion head, diffusion generator, the shared LightningModule's text side, and EMA."""
+
+import pytest
+import torch
+from hydra.utils import get_class
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from functools import partial
+
+from text2img.callbacks.ema import warmup_ema
+from text2img.errors import ConfigError
+from text2img.fusion import TokenProjection
+from text2img.generators import DiffusionGenerator, check_compatible
+from text2img.lightning import Text2ImgModule
+from text2img.types import TextEmbedding
+
+TEXT_DIM, COND_DIM = 24, 32
+
+
+def tiny_generator(**kwargs) -> DiffusionGenerator:
+    torch.manual_seed(0)
+    unet = partial(
+        UNet2DConditionModel,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    defaults = dict(
+        unet=unet,
+        noise_scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction"),
+        sampler=get_class("diffusers.DPMSolverMultistepScheduler"),
+        image_size=16,
+        cond_dim=COND_DIM,
+        patch_size=2,
+        sample_steps=3,
+    )
+    return DiffusionGenerator(**(defaults | kwargs))
+
+
+def text(batch: int = 4, length: int = 6, real: int = 4) -> TextEmbedding:
+    torch.manual_seed(1)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, :real] = True
+    tokens = torch.randn(batch, length, TEXT_DIM) * mask[..., None]
+    return TextEmbedding(tokens, mask, torch.randn(batch, TEXT_DIM))
+
+
+def test_token_projection_shapes_and_padding():
+    head = TokenProjection(TEXT_DIM, COND_DIM, hidden_dim=16)
+    cond = head(text())
+    assert cond.tokens.shape == (4, 6, COND_DIM) and cond.vector is None
+    assert torch.equal(cond.mask, text().mask)
+    assert cond.tokens[:, 4:].abs().max() == 0  # padding stays zero
+    assert cond.tokens[:, :4].abs().min() > 0
+
+
+def test_token_projection_rejects_unknown_norm():
+    with pytest.raises(ValueError, match="fusion.norm='batch'"):
+        TokenProjection(TEXT_DIM, COND_DIM, norm="batch")
+
+
+def test_compatibility_check_names_both_options():
+    with pytest.raises(ConfigError, match="fusion=token_projection with generator=diffusion: .* 48 .* 32"):
+        check_compatible(TokenProjection(TEXT_DIM, 48), tiny_generator(), "token_projection", "diffusion")
+
+    class VectorOnly(TokenProjection):
+        produces = frozenset({"vector"})
+
+    with pytest.raises(ConfigError, match="produces \\['vector'\\] but the generator consumes \\['tokens'\\]"):
+        check_compatible(VectorOnly(TEXT_DIM, COND_DIM), tiny_generator(), "vector_only", "diffusion")
+
+
+def test_training_loss_reaches_unet_and_fusion():
+    generator, head = tiny_generator(), TokenProjection(TEXT_DIM, COND_DIM)
+    loss = generator.training_loss(torch.rand(4, 3, 16, 16) * 2 - 1, text(), head)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert head.proj[-1].weight.grad.abs().sum() > 0
+    assert generator.unet.conv_in.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def test_loss_falls_on_a_fixed_batch(prediction, weighting):
+    generator = tiny_generator(
+        noise_scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type=prediction), loss_weighting=weighting
+    )
+    head = TokenProjection(TEXT_DIM, COND_DIM)
+    optimizer = torch.optim.Adam([*generator.parameters(), *head.parameters()], lr=3e-3)
+    images = torch.zeros(8, 3, 16, 16)
+    images[:, 0, 4:12, 4:12] = 1.0  # a red square on black
+    batch = text(8)
+
+    def mean_loss(n: int = 8) -> float:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return sum(float(generator.training_loss(images, batch, head)) for _ in range(n)) / n
+
+    before = mean_loss()
+    for _ in range(80):
+        loss = generator.training_loss(images, batch, head)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert mean_loss() < 0.6 * before
+
+
+def test_sample_shape_range_and_seed():
+    generator, head = tiny_generator(), TokenProjection(TEXT_DIM, COND_DIM)
+    null = TextEmbedding(torch.zeros(4, 1, TEXT_DIM), torch.ones(4, 1, dtype=torch.bool), torch.zeros(4, TEXT_DIM))
+
+    def sample(seed: int, **kwargs) -> torch.Tensor:
+        return generator.sample(text(), null, head, torch.Generator().manual_seed(seed), **kwargs)
+
+    images = sample(0)
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, sample(0))
+    assert not torch.equal(images, sample(1))
+    assert not torch.equal(images, sample(0, guidance_scale=1.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"guidance_scale": 0.5}, "guidance_scale=0.5 is below 1"), ({"steps": 0}, "steps=0 is out of range; use 1..100")],
+)
+def test_sampling_arguments_are_checked(kwargs, message):
+    generator, head = tiny_generator(), TokenProjection(TEXT_DIM, COND_DIM)
+    with pytest.raises(ConfigError, match=message):
+        generator.sample(text(), text(), head, torch.Generator(), **kwargs)
+
+
+def test_patch_size_must_divide_image_size():
+    with pytest.raises(ConfigError, match="patch_size=3 does not divide image_size=16"):
+        tiny_generator(patch_size=3)
+
+
+def make_module(caption_dropout: float) -> Text2ImgModule:
+    return Text2ImgModule(
+        fusion=TokenProjection(TEXT_DIM, COND_DIM),
+        generator=tiny_generator(),
+        text_dim=TEXT_DIM,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        caption_dropout=caption_dropout,
+    )
+
+
+def test_caption_dropout_replaces_rows_with_the_null_embedding():
+    batch = text(256)
+    assert make_module(0.0).drop_captions(batch) is batch
+    module = make_module(0.5)
+    torch.manual_seed(0)
+    dropped = module.drop_captions(batch)
+    is_null = (dropped.mask.sum(1) == 1) & torch.all(dropped.tokens[:, 0] == module.null_tokens[0], dim=1)
+    assert 0.35 < is_null.float().mean() < 0.65
+    assert torch.equal(dropped.tokens[~is_null], batch.tokens[~is_null])
+    assert torch.all(dropped.tokens[is_null, 1:] == 0)
+    # the null embedding is learned: gradients reach it through the dropped rows
+    module.generator.training_loss(torch.zeros(256, 3, 16, 16), dropped, module.fusion).backward()
+    assert module.null_tokens.grad.abs().sum() > 0
+
+
+def test_caption_dropout_out_of_range():
+    with pytest.raises(ValueError, match="caption_dropout=1.0 must be in"):
+        make_module(1.0)
+
+
+def test_generate_is_reproducible_and_in_unit_range():
+    module = make_module(0.1).eval()
+    images = module.generate(text(2), seed=7)
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, module.generate(text(2), seed=7))
+
+
+def test_warmup_ema_follows_early_weights_then_caps_the_decay():
+    averaged, current = torch.zeros(3), torch.ones(3)
+    first = warmup_ema(averaged.clone(), current, torch.tensor(1), decay=0.999)
+    assert torch.allclose(first, torch.full((3,), 1 - 2 / 11))  # decay (1+1)/(10+1)
+    late = warmup_ema(averaged.clone(), current, torch.tensor(100_000), decay=0.999)
+    assert torch.allclose(late, torch.full((3,), 0.001))

@@ -1,0 +1,33 @@
+"""Exponential moving average of the weights, with a decay that warms up."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
+
+
+def warmup_ema(averaged: Tensor, current: Tensor, num_averaged: Tensor, decay: float) -> Tensor:
+    """EMA step whose decay grows as (1 + n) / (10 + n) up to `decay`.
+
+    A fixed decay would keep early weights for too long: with 0.999, a 1,200-step run still holds 30%
+    of its step-1 weights, which shows up as noise in every sample.
+    """
+    effective = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay).to(averaged.dtype)
+    return averaged * effective + current * (1 - effective)
+
+
+class EMA(WeightAveraging):
+    """Lightning's `WeightAveraging` with `warmup_ema`: validation, test and the checkpoint's
+    `state_dict` use the averaged weights; the raw weights are kept for resuming."""
+
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, use_buffers: bool = True) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay={decay} must be in (0, 1), e.g. 0.999")
+        super().__init__(use_buffers=use_buffers, avg_fn=partial(warmup_ema, decay=decay))
+        self.update_every_n_steps = update_every_n_steps
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx % self.update_every_n_steps == 0

@@ -1,0 +1,44 @@
+"""Per-token projection of LLM hidden states into the generator's cross-attention space."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from text2img.fusion.base import FusionHead
+from text2img.types import Conditioning, TextEmbedding
+
+
+def feature_norm(kind: str, dim: int) -> nn.Module:
+    """Normalisation applied to raw LLM features, whose scale varies by layer and carries outliers."""
+    if kind == "layer":
+        return nn.LayerNorm(dim)
+    if kind == "rms":
+        return nn.RMSNorm(dim)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"fusion.norm={kind!r} is not a normalisation; use one of: layer, rms, none")
+
+
+class TokenProjection(FusionHead):
+    """norm -> linear (or a 2-layer MLP when `hidden_dim` is set), applied to every token.
+
+    Padding positions stay zero and keep their mask, so the generator ignores them.
+    """
+
+    produces = frozenset({"tokens"})
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int | None = None, norm: str = "layer", dropout: float = 0.0
+    ) -> None:
+        super().__init__(in_dim, out_dim)
+        self.norm = feature_norm(norm, in_dim)
+        if hidden_dim is None:
+            self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+        else:
+            self.proj = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
+            )
+
+    def forward(self, text: TextEmbedding, timestep: Tensor | None = None) -> Conditioning:
+        tokens = self.proj(self.norm(text.tokens)) * text.mask.unsqueeze(-1)
+        return Conditioning(tokens=tokens, mask=text.mask)

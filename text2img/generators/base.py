@@ -1,0 +1,62 @@
+"""The generator-backend contract, and the check that a fusion head and a backend fit together."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from text2img.errors import ConfigError
+from text2img.fusion.base import FusionHead
+from text2img.types import TextEmbedding
+
+
+class Generator(nn.Module, ABC):
+    """An image generator conditioned on the output of a fusion head.
+
+    `consumes` names the conditioning fields it reads ("tokens" for cross-attention, "vector");
+    `cond_dim` is the size the fusion head must produce; `has_timesteps` says whether a
+    timestep-aware fusion head can be driven by it.
+    """
+
+    consumes: frozenset[str]
+    has_timesteps: bool = False
+
+    def __init__(self, image_size: int, cond_dim: int) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.cond_dim = cond_dim
+
+    @abstractmethod
+    def training_loss(self, images: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
+        """Scalar loss for images in [-1, 1] and their (possibly caption-dropped) text."""
+
+    @abstractmethod
+    def sample(
+        self,
+        text: TextEmbedding,
+        null_text: TextEmbedding,
+        fusion: FusionHead,
+        generator: torch.Generator,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+    ) -> Tensor:
+        """Images in [-1, 1], [B, 3, H, W], for the given text; `null_text` is the unconditional branch."""
+
+
+def check_compatible(fusion: FusionHead, generator: Generator, fusion_name: str, generator_name: str) -> None:
+    """Fail at build time, naming both config options, when a fusion head cannot drive a generator."""
+    pair = f"fusion={fusion_name} with generator={generator_name}"
+    if fusion.out_dim != generator.cond_dim:
+        raise ConfigError(
+            f"{pair}: the fusion head outputs {fusion.out_dim} features but the generator expects "
+            f"{generator.cond_dim}; leave fusion.out_dim at its default ${{generator.cond_dim}} or make them equal"
+        )
+    if not fusion.produces & generator.consumes:
+        raise ConfigError(
+            f"{pair}: the head produces {sorted(fusion.produces)} but the generator consumes "
+            f"{sorted(generator.consumes)}; choose a fusion head that produces one of those"
+        )
+    if fusion.timestep_aware and not generator.has_timesteps:
+        raise ConfigError(f"{pair}: a timestep-aware head needs a generator with timesteps; choose a diffusion generator")

@@ -1,0 +1,4 @@
+from text2img.lightning.datamodule import Text2ImgDataModule
+from text2img.lightning.module import Text2ImgModule
+
+__all__ = ["Text2ImgDataModule", "Text2ImgModule"]

@@ -1,0 +1,111 @@
+"""Training entry point: `python -m text2img.train [group=option ...] [key=value ...]`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from text2img.errors import ConfigError, root_cause
+from text2img.generators.base import check_compatible
+from text2img.lightning import Text2ImgDataModule, Text2ImgModule
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the user's config or data is wrong": reported as one line, before training.
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+@dataclass
+class Run:
+    """Everything `train` builds from a config."""
+
+    datamodule: Text2ImgDataModule
+    model: Text2ImgModule
+    trainer: L.Trainer
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """The option chosen for a config group (e.g. "token_projection"), for error messages."""
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group, cfg[group]._target_))
+    return str(cfg[group]._target_)
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every entry of a dict-of-objects group (callbacks, loggers), skipping nulls."""
+    return [instantiate(item) for item in (group or {}).values() if item is not None]
+
+
+def build(cfg: DictConfig) -> Run:
+    """Build data, model and trainer; every user mistake surfaces here, before any training."""
+    encoder = instantiate(cfg.encoder)
+    datamodule = instantiate(cfg.data, encoder=encoder)
+    fusion = instantiate(cfg.fusion)
+    generator = instantiate(cfg.generator)
+    check_compatible(fusion, generator, _choice(cfg, "fusion"), _choice(cfg, "generator"))
+    model = instantiate(cfg.model, fusion=fusion, generator=generator)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger"))
+    )
+    return Run(datamodule, model, trainer)
+
+
+def _report(run: Run, cfg: DictConfig) -> None:
+    """Tell the user where the run's products are."""
+    trainer = run.trainer
+    lines = [f"run folder: {cfg.paths.output_dir}"]
+    for checkpoint in trainer.checkpoint_callbacks:
+        if checkpoint.last_model_path:
+            lines.append(f"checkpoint: {checkpoint.last_model_path}")
+        if checkpoint.monitor and checkpoint.best_model_path:
+            score = float(checkpoint.best_model_score)
+            lines.append(f"best checkpoint: {checkpoint.best_model_path} ({checkpoint.monitor} {score:.2f})")
+    grids = [cb.last_path for cb in trainer.callbacks if getattr(cb, "last_path", None)]
+    lines += [f"sample grid: {path}" for path in grids]
+    for name, value in sorted(trainer.callback_metrics.items()):
+        if "fid" in name:
+            lines.append(f"{name}: {float(value):.2f}")
+    for logger in trainer.loggers:
+        if logger.log_dir:
+            lines.append(f"{type(logger).__name__}: {logger.log_dir}")
+    print("\n".join(lines))
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train (and test) the configured model; returns `cfg.optimized_metric` for sweepers."""
+    L.seed_everything(cfg.seed, workers=True)
+    try:
+        run = build(cfg)
+    except USER_ERRORS as exc:
+        raise SystemExit(f"text2img: error: {root_cause(exc)}") from exc
+    except Exception as exc:  # Hydra wraps constructor errors; unwrap the user-facing ones
+        cause = root_cause(exc)
+        if isinstance(cause, USER_ERRORS):
+            raise SystemExit(f"text2img: error: {cause}") from exc
+        raise
+    for logger in run.trainer.loggers:
+        logger.log_hyperparams(run.model.run_config)
+    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # read before testing: `trainer.test` replaces the callback metrics
+    value = run.trainer.callback_metrics.get(cfg.optimized_metric)
+    if cfg.get("test"):
+        run.trainer.test(run.model, datamodule=run.datamodule)
+    if run.trainer.is_global_zero:
+        _report(run, cfg)
+    return None if value is None else float(value)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
