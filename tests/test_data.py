@@ -58,7 +58,7 @@ def test_flags_get_flag_of() -> None:
 
 @pytest.fixture(scope="module")
 def openmoji(asset_cache_dir: Path) -> OpenMojiSource:
-    return OpenMojiSource(cache_dir=asset_cache_dir)
+    return OpenMojiSource(cache_dir=asset_cache_dir / "openmoji")
 
 
 def test_openmoji_renders_every_drawable_emoji(openmoji: OpenMojiSource) -> None:
@@ -83,9 +83,9 @@ def test_openmoji_items(openmoji: OpenMojiSource) -> None:
 
 def test_openmoji_cache_is_reused(openmoji: OpenMojiSource, asset_cache_dir: Path) -> None:
     start = time.perf_counter()
-    again = OpenMojiSource(cache_dir=asset_cache_dir)
+    again = OpenMojiSource(cache_dir=asset_cache_dir / "openmoji")
     assert time.perf_counter() - start < 1.0
-    assert again.cache_path == openmoji.cache_path and again.cache_path.parent == asset_cache_dir
+    assert again.cache_path == openmoji.cache_path and again.cache_path.parent == asset_cache_dir / "openmoji"
     assert np.array_equal(again.images, openmoji.images)
     assert again.captions == openmoji.captions and again.codepoints == openmoji.codepoints
 
@@ -94,7 +94,7 @@ def test_openmoji_cache_is_reused(openmoji: OpenMojiSource, asset_cache_dir: Pat
 
 
 def test_splits_are_deterministic_disjoint_and_sized(openmoji: OpenMojiSource, asset_cache_dir: Path) -> None:
-    again = OpenMojiSource(cache_dir=asset_cache_dir)
+    again = OpenMojiSource(cache_dir=asset_cache_dir / "openmoji")
     splits = {name: openmoji.split(name).captions for name in ("train", "val", "test")}
     assert splits == {name: again.split(name).captions for name in ("train", "val", "test")}
     seen = [set(captions) for captions in splits.values()]
@@ -126,7 +126,7 @@ def test_bad_fractions_raise(val: float, test: float) -> None:
 
 def test_unknown_split_and_train_only_augmentation(asset_cache_dir: Path) -> None:
     augment = ImageAugment(hflip=1.0)
-    source = OpenMojiSource(cache_dir=asset_cache_dir, augment=augment)
+    source = OpenMojiSource(cache_dir=asset_cache_dir / "openmoji", augment=augment)
     with pytest.raises(ValueError, match="unknown split 'valid'"):
         source.split("valid")
     assert source.split("train").transform is augment
