@@ -6,7 +6,7 @@ from hydra.utils import get_class
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from functools import partial
 
-from text2img.callbacks.ema import warmup_ema
+from text2img.callbacks.ema import warmup_ema_
 from text2img.errors import ConfigError
 from text2img.fusion import TokenProjection
 from text2img.generators import DiffusionGenerator, check_compatible
@@ -175,8 +175,22 @@ def test_generate_is_reproducible_and_in_unit_range():
 
 
 def test_warmup_ema_follows_early_weights_then_caps_the_decay():
-    averaged, current = torch.zeros(3), torch.ones(3)
-    first = warmup_ema(averaged.clone(), current, torch.tensor(1), decay=0.999)
-    assert torch.allclose(first, torch.full((3,), 1 - 2 / 11))  # decay (1+1)/(10+1)
-    late = warmup_ema(averaged.clone(), current, torch.tensor(100_000), decay=0.999)
-    assert torch.allclose(late, torch.full((3,), 0.001))
+    averaged, current = [torch.zeros(3), torch.zeros(2)], [torch.ones(3), torch.ones(2)]
+    warmup_ema_(averaged, current, torch.tensor(1), decay=0.999)
+    assert torch.allclose(averaged[0], torch.full((3,), 1 - 2 / 11))  # decay (1+1)/(10+1)
+    assert torch.allclose(averaged[1], torch.full((2,), 1 - 2 / 11))
+    late = [torch.zeros(3)]
+    warmup_ema_(late, [torch.ones(3)], torch.tensor(100_000), decay=0.999)
+    assert torch.allclose(late[0], torch.full((3,), 0.001))
+
+
+def test_ema_callback_averages_during_training(tmp_path, imagefolder):
+    """The checkpoint's state_dict holds the average; the raw weights are kept for resuming."""
+    from conftest import compose_train, smoke_overrides
+    from text2img.train import train
+
+    train(compose_train(tmp_path, smoke_overrides(imagefolder, "test=false")))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)

@@ -9,24 +9,28 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
 
-def warmup_ema(averaged: Tensor, current: Tensor, num_averaged: Tensor, decay: float) -> Tensor:
-    """EMA step whose decay grows as (1 + n) / (10 + n) up to `decay`.
+def warmup_decay(num_averaged: int, decay: float) -> float:
+    """(1 + n) / (10 + n), capped at `decay`.
 
-    A fixed decay would keep early weights for too long: with 0.999, a 1,200-step run still holds 30%
-    of its step-1 weights, which shows up as noise in every sample.
+    A fixed decay keeps early weights for too long: with 0.999, a 1,200-step run still holds 30% of
+    its step-1 weights, which shows up as noise in every sample.
     """
-    effective = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay).to(averaged.dtype)
-    return averaged * effective + current * (1 - effective)
+    return min(decay, (1 + num_averaged) / (10 + num_averaged))
+
+
+def warmup_ema_(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor, decay: float) -> None:
+    """In-place EMA step over all tensors at once (one fused op instead of one per tensor)."""
+    torch._foreach_lerp_(averaged, current, 1.0 - warmup_decay(int(num_averaged), decay))
 
 
 class EMA(WeightAveraging):
-    """Lightning's `WeightAveraging` with `warmup_ema`: validation, test and the checkpoint's
+    """Lightning's `WeightAveraging` with a warmed-up EMA: validation, test and the checkpoint's
     `state_dict` use the averaged weights; the raw weights are kept for resuming."""
 
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, use_buffers: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"callbacks.ema.decay={decay} must be in (0, 1), e.g. 0.999")
-        super().__init__(use_buffers=use_buffers, avg_fn=partial(warmup_ema, decay=decay))
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=partial(warmup_ema_, decay=decay))
         self.update_every_n_steps = update_every_n_steps
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
