@@ -83,9 +83,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     try:
         run = build(cfg)
-    except USER_ERRORS as exc:
-        raise SystemExit(f"text2img: error: {root_cause(exc)}") from exc
-    except Exception as exc:  # Hydra wraps constructor errors; unwrap the user-facing ones
+    except Exception as exc:  # Hydra wraps constructor errors: report the user-facing ones as one line
         cause = root_cause(exc)
         if isinstance(cause, USER_ERRORS):
             raise SystemExit(f"text2img: error: {cause}") from exc

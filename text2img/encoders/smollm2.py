@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 from filelock import FileLock
@@ -60,30 +61,12 @@ class SmolLM2Encoder(HFTextEncoder):
     """SmolLM2-135M-Instruct (Llama, 30 layers, hidden size 576); pads with `<|im_end|>`."""
 
     def __init__(
-        self,
-        hidden_size: int = 576,
-        layer: int = -1,
-        max_length: int = 32,
-        pooling: str = "last",
-        template: str = "{caption}",
-        cache_dir: str | Path = "~/.cache/text2img/models",
-        batch_size: int = 64,
-        dtype: str = "float32",
-        trainable: bool = False,
+        self, hidden_size: int = 576, cache_dir: str | Path = "~/.cache/text2img/models", **options: Any
     ) -> None:
+        """`options` are `HFTextEncoder`'s (layer, max_length, pooling, template, dtype, batch_size, trainable)."""
         package_dir()  # fail at construction, not at the first encode, when the package is missing
         version = importlib.metadata.version(PACKAGE)
-        super().__init__(
-            model=f"{PACKAGE}=={version}/{GGUF_FILE}",
-            hidden_size=hidden_size,
-            layer=layer,
-            max_length=max_length,
-            pooling=pooling,
-            template=template,
-            dtype=dtype,
-            batch_size=batch_size,
-            trainable=trainable,
-        )
+        super().__init__(model=f"{PACKAGE}=={version}/{GGUF_FILE}", hidden_size=hidden_size, **options)
         self.version = version
         self.cache_dir = Path(cache_dir).expanduser()
 

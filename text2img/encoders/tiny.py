@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2Model, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -34,26 +36,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 class TinyEncoder(HFTextEncoder):
     """Deterministic for a given `seed` and `hidden_size`; builds in milliseconds."""
 
-    def __init__(
-        self,
-        hidden_size: int = 64,
-        layer: int = -1,
-        max_length: int = 16,
-        pooling: str = "last",
-        template: str = "{caption}",
-        seed: int = 0,
-        batch_size: int = 64,
-        trainable: bool = False,
-    ) -> None:
+    def __init__(self, hidden_size: int = 64, max_length: int = 16, seed: int = 0, **options: Any) -> None:
+        """`options` are `HFTextEncoder`'s (layer, pooling, template, batch_size, trainable)."""
         super().__init__(
-            model=f"tiny-gpt2-{hidden_size}d-seed{seed}",
-            hidden_size=hidden_size,
-            layer=layer,
-            max_length=max_length,
-            pooling=pooling,
-            template=template,
-            batch_size=batch_size,
-            trainable=trainable,
+            model=f"tiny-gpt2-{hidden_size}d-seed{seed}", hidden_size=hidden_size, max_length=max_length, **options
         )
         self.seed = seed
 
