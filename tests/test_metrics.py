@@ -1,7 +1,7 @@
-"""EfficientNet-Lite0 feature extractor and the FID built on it.
+"""EfficientNet-Lite0 features and the FID/KID/IS metric built on them.
 
 Feature extraction costs ~0.1 s per image on a 2-core CPU (every image is resized to 224 px), so the
-FID checks share one extractor and one metric holding the real statistics, and use 32-image sets.
+checks share one extractor, compute the features of each image set once, and use 32-image sets.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
-from text2img.metrics import EfficientNetLite0Features, build_fid, metric_name
+from text2img.metrics import EfficientNetLite0Features, EvalBatch, ImageDistribution
+from text2img.types import EvalOutputs, TextEmbedding
 
 N = 32  # images per FID set: below the 1280 feature dims on purpose (singular covariances must work)
 
@@ -52,18 +54,24 @@ def real_images() -> Tensor:
     return smooth_images(N, seed=0)
 
 
-@pytest.fixture(scope="module")
-def fid(extractor: EfficientNetLite0Features, real_images: Tensor) -> FrechetInceptionDistance:
-    """One metric fed the real set once; each test resets it (real stats survive) and adds its fakes."""
-    metric = build_fid(extractor)
-    metric.update(real_images, real=True)
-    return metric
+def eval_batch(images: Tensor, keys: Tensor) -> EvalBatch:
+    text = TextEmbedding(torch.zeros(len(images), 1, 4), torch.ones(len(images), 1, dtype=torch.bool), torch.zeros(len(images), 4))
+    return EvalBatch(EvalOutputs(images, images, [""] * len(images), text, keys))
 
 
-def fid_against_real(fid: FrechetInceptionDistance, fake: Tensor) -> float:
-    fid.reset()
-    fid.update(fake, real=False)
-    return fid.compute().item()
+def figures(
+    extractor: nn.Module, real: Tensor, batches: list[tuple[Tensor, Tensor]], **kwargs
+) -> dict[str, float]:
+    """The metric's figures for generated (images, keys) batches against the real images."""
+    metric = ImageDistribution(extractor, **kwargs)
+    metric.set_reference(extractor(real))
+    for images, keys in batches:
+        metric.update(eval_batch(images, keys))
+    return {name: value.item() for name, value in metric.compute().items()}
+
+
+def whole(images: Tensor) -> list[tuple[Tensor, Tensor]]:
+    return [(images, torch.arange(len(images)))]
 
 
 def test_features_shape_dtype_and_determinism(extractor: EfficientNetLite0Features) -> None:
@@ -93,28 +101,79 @@ def test_extractor_stays_frozen_in_eval_mode(extractor: EfficientNetLite0Feature
     assert not extractor(images).requires_grad
 
 
-def test_fid_metric_name_and_feature_size(fid: FrechetInceptionDistance) -> None:
-    assert metric_name(fid) == "fid_effnet"
-    assert fid.real_features_sum.shape == (1280,)
+def test_figures_are_named_after_the_extractor(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:
+    assert set(figures(extractor, real_images, whole(real_images))) == {"fid_effnet", "kid_effnet", "is_effnet"}
 
 
-def test_fid_of_identical_sets_is_zero(fid: FrechetInceptionDistance, real_images: Tensor) -> None:
+def test_identical_sets_score_zero_fid_and_kid(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:
+    scores = figures(extractor, real_images, whole(real_images))
     # Measured ~1e-5 in magnitude (sign varies): float64 eigvals of a rank-deficient product.
-    assert abs(fid_against_real(fid, real_images)) < 1e-2
+    assert abs(scores["fid_effnet"]) < 1e-2
+    # The unbiased estimator is not 0 on identical sets: its cross term keeps the self-pairs, measured -0.008.
+    assert abs(scores["kid_effnet"]) < 0.02
 
 
-def test_fid_separates_noise_from_smooth_images(fid: FrechetInceptionDistance) -> None:
-    noise = torch.rand(N, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    assert fid_against_real(fid, noise) > 100  # measured ~300
-
-
-def test_fid_of_slightly_noisy_copy_is_small(fid: FrechetInceptionDistance, real_images: Tensor) -> None:
-    # One grey level of noise; the extractor is texture-sensitive (4 levels already give ~90).
+def test_noise_scores_worst(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:
     g = torch.Generator().manual_seed(5)
-    noisy = (real_images + torch.randn(real_images.shape, generator=g) / 255).clamp(0, 1)
-    assert 0 < fid_against_real(fid, noisy) < 15  # measured ~5
+    # One grey level of noise; the extractor is texture-sensitive (4 levels already give ~90).
+    noisy_copy = (real_images + torch.randn(real_images.shape, generator=g) / 255).clamp(0, 1)
+    noise = torch.rand(N, 3, 32, 32, generator=g)
+    close, far = figures(extractor, real_images, whole(noisy_copy)), figures(extractor, real_images, whole(noise))
+    assert 0 < close["fid_effnet"] < 15 < 100 < far["fid_effnet"]  # measured ~5 and ~300
+    assert close["kid_effnet"] < far["kid_effnet"] / 10
 
 
-def test_reset_keeps_real_statistics(fid: FrechetInceptionDistance) -> None:
-    fid.reset()
-    assert fid.real_features_num_samples == N and fid.fake_features_num_samples == 0
+def test_matches_torchmetrics_fid_and_kid(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:
+    fake = smooth_images(N, seed=7)
+    ours = figures(extractor, real_images, whole(fake))
+    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
+    # One subset of every sample: torchmetrics' KID is then the unbiased MMD over all pairs, as ours.
+    kid = KernelInceptionDistance(feature=extractor, normalize=True, subsets=1, subset_size=N)
+    for metric in (fid, kid):
+        metric.update(real_images, real=True)
+        metric.update(fake, real=False)
+    assert ours["fid_effnet"] == pytest.approx(fid.compute().item(), rel=1e-4)
+    assert ours["kid_effnet"] == pytest.approx(kid.compute()[0].item(), rel=1e-4)
+
+
+def test_batching_order_and_process_split_do_not_change_figures(
+    extractor: EfficientNetLite0Features, real_images: Tensor
+) -> None:
+    fake, keys = smooth_images(N, seed=8), torch.arange(N)
+    one_batch = figures(extractor, real_images, [(fake, keys)], kid_sketch_size=12)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(0))
+    shuffled = [(fake[part], keys[part]) for part in order.split(5)]
+    assert figures(extractor, real_images, shuffled, kid_sketch_size=12) == pytest.approx(one_batch, rel=1e-5)
+    # Two processes (DDP) each see half; merging their states is what torchmetrics' sync does.
+    halves = [ImageDistribution(extractor, kid_sketch_size=12) for _ in range(2)]
+    for half, part in zip(halves, order.chunk(2)):
+        half.set_reference(extractor(real_images))
+        half.update(eval_batch(fake[part], keys[part]))
+    halves[0].merge_state(halves[1])
+    merged = {name: value.item() for name, value in halves[0].compute().items()}
+    assert merged == pytest.approx(one_batch, rel=1e-5)
+
+
+def test_kid_memory_is_bounded_by_the_sketch(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:
+    metric = ImageDistribution(extractor, kid_sketch_size=6)
+    metric.set_reference(extractor(real_images))
+    for part in torch.arange(N).split(8):
+        metric.update(eval_batch(real_images[part], part))
+    # Every state is fixed-size: the sketch holds 6 samples however many were seen.
+    assert metric.sketch[0].shape == (6, 1280) and int(metric.count) == N
+    assert metric.reference["sketch"].shape == (6, 1280)
+
+
+def test_inception_score_bounds(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:
+    copies = real_images[:1].expand(8, -1, -1, -1)
+    # Identical images: every prediction equals the marginal, so IS is exactly 1.
+    assert figures(extractor, real_images, whole(copies))["is_effnet"] == pytest.approx(1.0, abs=1e-5)
+    assert 1.0 < figures(extractor, real_images, whole(real_images))["is_effnet"] <= extractor.num_classes
+
+
+def test_small_sample_warning_names_the_number_needed(
+    extractor: EfficientNetLite0Features, real_images: Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING"):
+        figures(extractor, real_images, whole(real_images))
+    assert "use n_samples>=1281" in caplog.text

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, compose_train, smoke_overrides
+from text2img.cli import unknown_choice
 from text2img.train import build, train
 
 
@@ -90,8 +91,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_unknown_option_names_the_choices():
     out = run_cli("encoder=gpt9")
     assert out.returncode != 0
-    assert "Could not find 'encoder/gpt9'" in out.stderr
-    assert "smollm2" in out.stderr and "minilm" in out.stderr
+    assert out.stderr.strip() == "text2img: error: unknown encoder 'gpt9'; choose one of: hf, minilm, smollm2, tiny"
+
+
+def test_unknown_option_in_a_sweep_or_list_is_found():
+    assert unknown_choice(["-m", "fusion=token_projection,perceivr"]) == (
+        "text2img: error: unknown fusion 'perceivr'; choose one of: token_projection"
+    )
+    assert "unknown metrics 'fidd'" in unknown_choice(["metrics=[image,fidd]"])
+    assert unknown_choice(["encoder=minilm", "trainer.max_steps=5", "+experiment=openmoji_gpu", "debug=null"]) is None
 
 
 def one_line_error(exc: pytest.ExceptionInfo) -> str:

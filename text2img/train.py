@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import hydra
@@ -11,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from text2img.cli import unknown_choice
 from text2img.errors import ConfigError, root_cause
 from text2img.generators.base import check_compatible
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
@@ -42,8 +44,8 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(item) for item in (group or {}).values() if item is not None]
 
 
-def build(cfg: DictConfig) -> Run:
-    """Build data, model and trainer; every user mistake surfaces here, before any training."""
+def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
+    """Data and model of a run config (also used to rebuild a checkpoint's model for evaluation)."""
     encoder = instantiate(cfg.encoder)
     datamodule = instantiate(cfg.data, encoder=encoder)
     fusion = instantiate(cfg.fusion)
@@ -51,6 +53,18 @@ def build(cfg: DictConfig) -> Run:
     check_compatible(fusion, generator, _choice(cfg, "fusion"), _choice(cfg, "generator"))
     model = instantiate(cfg.model, fusion=fusion, generator=generator)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    return datamodule, model
+
+
+def user_error(exc: BaseException) -> SystemExit | None:
+    """A one-line exit for mistakes in the user's config, data or arguments; None for bugs."""
+    cause = root_cause(exc)  # Hydra wraps constructor errors
+    return SystemExit(f"text2img: error: {cause}") if isinstance(cause, USER_ERRORS) else None
+
+
+def build(cfg: DictConfig) -> Run:
+    """Build data, model and trainer; every user mistake surfaces here, before any training."""
+    datamodule, model = build_model(cfg)
     trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger"))
     )
@@ -70,8 +84,8 @@ def _report(run: Run, cfg: DictConfig) -> None:
     grids = [cb.last_path for cb in trainer.callbacks if getattr(cb, "last_path", None)]
     lines += [f"sample grid: {path}" for path in grids]
     for name, value in sorted(trainer.callback_metrics.items()):
-        if "fid" in name:
-            lines.append(f"{name}: {float(value):.2f}")
+        if name.startswith(("val/", "test/")):
+            lines.append(f"{name}: {float(value):.4g}")
     for logger in trainer.loggers:
         if logger.log_dir:
             lines.append(f"{type(logger).__name__}: {logger.log_dir}")
@@ -83,10 +97,9 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     try:
         run = build(cfg)
-    except Exception as exc:  # Hydra wraps constructor errors: report the user-facing ones as one line
-        cause = root_cause(exc)
-        if isinstance(cause, USER_ERRORS):
-            raise SystemExit(f"text2img: error: {cause}") from exc
+    except Exception as exc:
+        if (error := user_error(exc)) is not None:
+            raise error from exc
         raise
     for logger in run.trainer.loggers:
         logger.log_hyperparams(run.model.run_config)
@@ -101,8 +114,14 @@ def train(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     return train(cfg)
+
+
+def main() -> None:
+    if (error := unknown_choice(sys.argv[1:])) is not None:
+        raise SystemExit(error)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -82,6 +82,32 @@ class Batch:
     images: Tensor
     captions: list[str]
     text: TextEmbedding | None = None
+    keys: Tensor | None = None  # [B] int64 position in an evaluation set (see EvalOutputs.keys)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class EvalOutputs:
+    """What validation and test steps hand the evaluation callbacks.
+
+    images:          generated [B, 3, H, W] float in [0, 1]
+    real:            the prompts' real images [B, 3, H, W] float in [0, 1]
+    captions:        the prompts
+    text:            their embeddings
+    keys:            [B] int64, each sample's position in the evaluation set. Sampling noise and the
+                     metrics' random choices depend on the key alone, so figures do not depend on
+                     batch size or on how samples are spread over DDP processes.
+    reconstructions: [B, 3, H, W] in [0, 1] for backends that reconstruct their input, else None
+    """
+
+    images: Tensor
+    real: Tensor
+    captions: list[str]
+    text: TextEmbedding
+    keys: Tensor
+    reconstructions: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from text2img.grid import captioned_grid
+from text2img.types import EvalOutputs
 
 
 class SampleGridCallback(L.Callback):
@@ -26,11 +27,11 @@ class SampleGridCallback(L.Callback):
         self.captions: list[str] = []
         self.last_path: Path | None = None
 
-    def _collect(self, trainer: L.Trainer, outputs: dict) -> None:
+    def _collect(self, trainer: L.Trainer, outputs: EvalOutputs) -> None:
         room = self.num_images - len(self.captions)
         if trainer.is_global_zero and room > 0 and not trainer.sanity_checking:
-            self.images.append(outputs["images"][:room].cpu())
-            self.captions.extend(outputs["captions"][:room])
+            self.images.append(outputs.images[:room].cpu())
+            self.captions.extend(outputs.captions[:room])
 
     def _write(self, trainer: L.Trainer, stage: str) -> None:
         if not self.captions:

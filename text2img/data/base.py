@@ -107,6 +107,19 @@ class ImageCaptionSource(ABC):
     def captions(self) -> list[str]:
         """Captions of all usable samples, in the order `_subset` indices refer to."""
 
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """Names the images, captions and splits: it changes whenever any of them would.
+
+        Cached statistics and evaluators derived from the data (real-image features, the alignment
+        evaluator) are keyed by it, so they are reused across runs and sweeps and never go stale.
+        """
+
+    def _split_identity(self) -> str:
+        """The part of `identity` every source shares: image size and split fractions."""
+        return f"{self.image_size}px-val{self.val_fraction}-test{self.test_fraction}"
+
     @abstractmethod
     def _subset(self, indices: list[int], transform: Transform | None) -> ImageCaptionDataset:
         """A dataset of the samples at `indices`."""
@@ -115,11 +128,12 @@ class ImageCaptionSource(ABC):
     def split_indices(self) -> dict[str, list[int]]:
         return split_indices(self.captions, self.val_fraction, self.test_fraction)
 
-    def split(self, name: str) -> ImageCaptionDataset:
-        """The "train", "val" or "test" split; only "train" is augmented."""
+    def split(self, name: str, augmented: bool = True) -> ImageCaptionDataset:
+        """The "train", "val" or "test" split; only "train" is augmented, and only when `augmented`
+        (statistics of the real data are taken on the images as they are)."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
-        return self._subset(self.split_indices[name], self.augment if name == "train" else None)
+        return self._subset(self.split_indices[name], self.augment if name == "train" and augmented else None)
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -13,10 +13,12 @@ centre-cropped to a square.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections import Counter
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,15 @@ class ImageFolderSource(ImageCaptionSource):
     @property
     def captions(self) -> list[str]:
         return self._captions
+
+    @cached_property
+    def identity(self) -> str:
+        # The metadata's content and the image files' sizes and times: editing either invalidates caches.
+        digest = hashlib.sha256((self.root / METADATA).read_bytes())
+        for path in self.paths:
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return f"imagefolder-{self.root.resolve()}-{digest.hexdigest()[:16]}-{self._split_identity()}"
 
     def _subset(self, indices: list[int], transform: Transform | None) -> ImageFileDataset:
         return ImageFileDataset(

@@ -183,5 +183,9 @@ class OpenMojiSource(ImageCaptionSource):
     def captions(self) -> list[str]:
         return self._captions
 
+    @property
+    def identity(self) -> str:
+        return f"{self.cache_path.stem}-{self._split_identity()}"
+
     def _subset(self, indices: list[int], transform: Transform | None) -> ArrayImageDataset:
         return ArrayImageDataset(self.images[indices], [self._captions[i] for i in indices], transform)

@@ -17,11 +17,13 @@ class Generator(nn.Module, ABC):
 
     `consumes` names the conditioning fields it reads ("tokens" for cross-attention, "vector");
     `cond_dim` is the size the fusion head must produce; `has_timesteps` says whether a
-    timestep-aware fusion head can be driven by it.
+    timestep-aware fusion head can be driven by it; `reconstructs` says whether it implements
+    `reconstruct` (autoencoders), which evaluation then scores with PSNR/SSIM.
     """
 
     consumes: frozenset[str]
     has_timesteps: bool = False
+    reconstructs: bool = False
 
     def __init__(self, image_size: int, cond_dim: int) -> None:
         super().__init__()
@@ -38,11 +40,20 @@ class Generator(nn.Module, ABC):
         text: TextEmbedding,
         null_text: TextEmbedding,
         fusion: FusionHead,
-        generator: torch.Generator,
+        generators: list[torch.Generator],
         guidance_scale: float | None = None,
         steps: int | None = None,
     ) -> Tensor:
-        """Images in [-1, 1], [B, 3, H, W], for the given text; `null_text` is the unconditional branch."""
+        """Images in [-1, 1], [B, 3, H, W], for the given text; `null_text` is the unconditional branch.
+
+        `generators` holds one CPU generator per sample: all randomness of sample i comes from
+        `generators[i]`, so an image does not depend on the batch it is generated in.
+        """
+
+
+    def reconstruct(self, images: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
+        """Images in [-1, 1] passed through the model and back (only where `reconstructs` is True)."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
 
 
 def check_compatible(fusion: FusionHead, generator: Generator, fusion_name: str, generator_name: str) -> None:

@@ -112,7 +112,7 @@ class DiffusionGenerator(Generator):
         text: TextEmbedding,
         null_text: TextEmbedding,
         fusion: FusionHead,
-        generator: torch.Generator,
+        generators: list[torch.Generator],
         guidance_scale: float | None = None,
         steps: int | None = None,
     ) -> Tensor:
@@ -120,14 +120,14 @@ class DiffusionGenerator(Generator):
         steps = self.sample_steps if steps is None else steps
         self._check_sampling(guidance_scale, steps)
         device = text.tokens.device
-        batch = len(text)
         scheduler = self.sampler.from_config(self.noise_scheduler.config, **self.sampler_kwargs)
         scheduler.set_timesteps(steps, device=device)
         guided = guidance_scale != 1.0
         both = TextEmbedding.cat([text, null_text]) if guided else text
-        # Noise is drawn from a CPU generator so a seed gives the same images on every device.
-        shape = (batch, 3, self.image_size, self.image_size)
-        x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+        # Noise is drawn per sample from CPU generators: a seed gives the same image on every device,
+        # in any batch.
+        shape = (3, self.image_size, self.image_size)
+        x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
             t_batch = t.expand(model_in.shape[0]).to(device)
@@ -135,5 +135,5 @@ class DiffusionGenerator(Generator):
             if guided:
                 cond, uncond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
-            x = scheduler.step(pred, t, x, generator=generator).prev_sample
+            x = scheduler.step(pred, t, x, generator=generators).prev_sample
         return x.clamp(-1, 1)

@@ -7,7 +7,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import distributed as dist
+from torch.utils.data import DataLoader, Dataset
 
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache
@@ -18,19 +20,29 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-class EmbeddedSplit(Dataset):
-    """One split of a source, each item carrying the row of its caption in the embedding table."""
+Item = tuple[torch.Tensor, str, int, int]  # image, caption, row of the caption's embedding, key
 
-    def __init__(self, images: Dataset, rows: list[int]) -> None:
+
+class EmbeddedSplit(Dataset):
+    """One split of a source, each item carrying the row of its caption in the embedding table.
+
+    Items are keyed by their position in `order` (default: the split's own order). With `size` larger
+    than the split, positions wrap around: prompts repeat and, keyed differently, get new seeds.
+    """
+
+    def __init__(self, images: Dataset, rows: list[int], order: list[int] | None = None, size: int | None = None):
         self.images = images
         self.rows = rows
+        self.order = order if order is not None else list(range(len(rows)))
+        self.size = len(rows) if size is None else size
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.size
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+    def __getitem__(self, key: int) -> Item:
+        index = self.order[key % len(self.order)]
         image, caption = self.images[index]
-        return image, caption, self.rows[index]
+        return image, caption, self.rows[index], key
 
 
 class Text2ImgDataModule(L.LightningDataModule):
@@ -49,16 +61,25 @@ class Text2ImgDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        eval_samples: int | None = None,
+        test_split: str = "test",
     ) -> None:
         super().__init__()
+        if eval_samples is not None and eval_samples < 1:
+            raise ValueError(f"eval_samples={eval_samples} must be a positive number of images, or null for one per prompt")
         self.source = source
         self.encoder = encoder
         self.cache = EmbeddingCache(embedding_cache_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.eval_samples = eval_samples
+        if test_split not in SPLITS:
+            raise ValueError(f"data.test_split={test_split!r} is unknown; use one of {', '.join(SPLITS)}")
+        self.test_split = test_split
         self.splits: dict[str, Dataset] = {}
         self.table: TextEmbedding | None = None
+        self.row_of: dict[str, int] = {}
 
     def _all_captions(self) -> dict[str, list[str]]:
         return {name: list(self.source.split(name).captions) for name in SPLITS}
@@ -74,26 +95,47 @@ class Text2ImgDataModule(L.LightningDataModule):
         datasets = {name: self.source.split(name) for name in SPLITS}
         unique = sorted({c for d in datasets.values() for c in d.captions})
         self.table = self.cache.lookup(self.encoder, unique)
-        row_of = {caption: row for row, caption in enumerate(unique)}
+        self.row_of = {caption: row for row, caption in enumerate(unique)}
         for name, dataset in datasets.items():
-            split = EmbeddedSplit(dataset, [row_of[c] for c in dataset.captions])
+            rows = [self.row_of[c] for c in dataset.captions]
+            if name == "train":
+                self.splits[name] = EmbeddedSplit(dataset, rows)
+                continue
             # Evaluation order is a fixed shuffle: sample grids show varied prompts, not one run of
             # neighbours (e.g. 30 flags), and are the same in every run.
-            order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0)).tolist()
-            self.splits[name] = split if name == "train" else Subset(split, order)
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+            self.splits[name] = EmbeddedSplit(dataset, rows, order, self.eval_samples)
         log.info("data: %s", ", ".join(f"{n} {len(s)}" for n, s in self.splits.items()))
 
-    def collate(self, items: list[tuple[torch.Tensor, str, int]]) -> Batch:
-        images, captions, rows = zip(*items)
+    def eval_split(self, stage: str) -> str:
+        """The split a "val" or "test" stage evaluates."""
+        return self.test_split if stage == "test" else "val"
+
+    def prompts(self, split: str) -> tuple[list[str], TextEmbedding]:
+        """The distinct captions of a split, sorted, with their cached embeddings."""
+        assert self.table is not None, "call setup() first"
+        captions = sorted(set(self.source.split(split).captions))
+        rows = torch.tensor([self.row_of[c] for c in captions])
+        return captions, self.table[rows]
+
+    def collate(self, items: list[Item]) -> Batch:
+        images, captions, rows, keys = zip(*items)
         assert self.table is not None
         text = self.table[torch.tensor(rows)].trimmed()
-        return Batch(images=torch.stack(images), captions=list(captions), text=text)
+        return Batch(images=torch.stack(images), captions=list(captions), text=text, keys=torch.tensor(keys))
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.splits[split]
+        sampler = None
+        if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Lightning's default DistributedSampler pads ranks with repeated samples, which would count
+            # some images twice in FID; this one splits the set exactly (Lightning keeps a sampler it is given).
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
-            self.splits[split],
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -107,4 +149,4 @@ class Text2ImgDataModule(L.LightningDataModule):
         return self._loader("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_split, self.eval_batch_size, shuffle=False)

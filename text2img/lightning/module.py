@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
-from text2img.types import Batch, TextEmbedding
+from text2img.types import Batch, EvalOutputs, TextEmbedding
 
 
 class Text2ImgModule(L.LightningModule):
@@ -46,6 +46,8 @@ class Text2ImgModule(L.LightningModule):
         self.eval_seed = eval_seed
         # The resolved run config, stored in checkpoints so sampling and evaluation can rebuild the model.
         self.run_config: dict[str, Any] | None = None
+        # Sampler settings for evaluation (guidance_scale, steps); empty = the generator's defaults.
+        self.eval_sampling: dict[str, Any] = {}
 
     def null_text(self, batch_size: int) -> TextEmbedding:
         """The learned unconditional embedding: one token, always attended."""
@@ -87,31 +89,42 @@ class Text2ImgModule(L.LightningModule):
     def generate(
         self,
         text: TextEmbedding,
-        seed: int,
+        seeds: Sequence[int],
         guidance_scale: float | None = None,
         steps: int | None = None,
     ) -> Tensor:
-        """Images in [0, 1] for the given text, reproducible for a seed."""
-        generator = torch.Generator().manual_seed(seed)
+        """Images in [0, 1] for the given text; image i depends only on its text and `seeds[i]`."""
+        if len(seeds) != len(text):
+            raise ValueError(f"got {len(seeds)} seeds for {len(text)} prompts; give one seed per prompt")
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         images = self.generator.sample(
-            text, self.null_text(len(text)), self.fusion, generator, guidance_scale=guidance_scale, steps=steps
+            text, self.null_text(len(text)), self.fusion, generators, guidance_scale=guidance_scale, steps=steps
         )
         return (images.float() + 1) / 2
 
-    def _eval_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        # A different but fixed seed per batch and rank: same images at every validation.
-        seed = self.eval_seed + 1000 * batch_idx + self.global_rank
-        return {
-            "images": self.generate(self.text_of(batch), seed),
-            "real": (batch.images.float() + 1) / 2,
-            "captions": batch.captions,
-        }
+    def _eval_step(self, batch: Batch) -> EvalOutputs:
+        # The seed of a sample is fixed by its position in the evaluation set: the same images at every
+        # validation, whatever the batch size and the number of processes.
+        if batch.keys is None:
+            raise RuntimeError("evaluation batches must carry keys; the data module attaches them")
+        text = self.text_of(batch)
+        reconstructions = None
+        if self.generator.reconstructs:
+            reconstructions = (self.generator.reconstruct(batch.images, text, self.fusion).float() + 1) / 2
+        return EvalOutputs(
+            images=self.generate(text, (self.eval_seed + batch.keys).tolist(), **self.eval_sampling),
+            real=(batch.images.float() + 1) / 2,
+            captions=batch.captions,
+            text=text,
+            keys=batch.keys,
+            reconstructions=reconstructions,
+        )
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, batch_idx)
+    def validation_step(self, batch: Batch, batch_idx: int) -> EvalOutputs:
+        return self._eval_step(batch)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, batch_idx)
+    def test_step(self, batch: Batch, batch_idx: int) -> EvalOutputs:
+        return self._eval_step(batch)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

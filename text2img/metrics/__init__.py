@@ -1,4 +1,22 @@
-from text2img.metrics.effnet import EfficientNetLite0Features
-from text2img.metrics.fid import build_fid, metric_name
+"""Evaluation: feature extractors, the metrics the `Evaluation` callback and `text2img.evaluate` run."""
 
-__all__ = ["EfficientNetLite0Features", "build_fid", "metric_name"]
+from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
+from text2img.metrics.clip_score import CLIPScoreMetric, LocalCLIPScore
+from text2img.metrics.distribution import ImageDistribution
+from text2img.metrics.effnet import EfficientNetLite0Features
+from text2img.metrics.features import RealFeatureCache
+from text2img.metrics.inception import InceptionFeatures
+from text2img.metrics.reconstruction import ReconstructionQuality
+
+__all__ = [
+    "CLIPScoreMetric",
+    "EfficientNetLite0Features",
+    "EvalBatch",
+    "EvalContext",
+    "EvalMetric",
+    "ImageDistribution",
+    "InceptionFeatures",
+    "LocalCLIPScore",
+    "RealFeatureCache",
+    "ReconstructionQuality",
+]

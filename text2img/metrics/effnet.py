@@ -21,6 +21,7 @@ class EfficientNetLite0Features(nn.Module):
 
     # torchmetrics reads this instead of probing the network with a dummy image.
     num_features = 1280
+    num_classes = 1000  # ImageNet logits, for the Inception Score
     # Short tag that metric names carry (`fid_effnet`): scores from different extractors are not comparable.
     feature_name = "effnet"
     input_size = 224
@@ -59,3 +60,15 @@ class EfficientNetLite0Features(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             features = self.net.extract_features(x.to(weight.dtype)).mean((2, 3))
         return features.float()
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        """Pooled features [B,1280] -> ImageNet logits [B,1000] (for Inception Score).
+
+        The network's own forward is pool -> dropout (identity in eval) -> `_fc`; applying `_fc` to the
+        features from `forward` reproduces its logits without a second pass through the convolutions.
+        """
+        fc = self.net._fc
+        x = features.to(device=fc.weight.device, dtype=fc.weight.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fc(x).float()

@@ -1,0 +1,26 @@
+"""Command-line checks shared by the entry points, run before Hydra composes the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def unknown_choice(args: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """One line naming a `group=option` argument whose option does not exist, else None.
+
+    Hydra would report it too, but over a dozen lines with its search path; this names the options.
+    Sweeps (`group=a,b`) and lists (`group=[a,b]`) are checked element by element.
+    """
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = conf_dir / key
+        if not sep or "@" in key or "(" in value or key == "hydra" or not group.is_dir():
+            continue
+        options = sorted(path.stem for path in group.glob("*.yaml"))
+        for option in value.strip("[]").split(","):
+            option = option.strip()
+            if option and option != "null" and option not in options:
+                return f"text2img: error: unknown {key} '{option}'; choose one of: {', '.join(options)}"
+    return None

@@ -1,0 +1,118 @@
+"""Evaluation entry point: `python -m text2img.evaluate ckpt=PATH [n_samples=N] [split=test] [extractor=...]`.
+
+Rebuilds the checkpoint's model from the run config stored inside it, generates `n_samples` images
+for the prompts of a held-out split through a Lightning test loop (so `trainer=ddp_cpu` or a GPU
+trainer spreads the work), scores them with the configured metrics, prints a table and writes a JSON
+report next to the checkpoint's run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from text2img.callbacks.evaluation import Evaluation
+from text2img.cli import unknown_choice
+from text2img.errors import ConfigError
+from text2img.train import build_model, user_error
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A text2img checkpoint, loaded without unpickling code; one-line errors for anything else."""
+    file = Path(path).expanduser()
+    usage = "pass a .ckpt written by text2img.train, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt"
+    if not file.is_file():
+        raise ConfigError(f"ckpt='{path}' does not exist; {usage}")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint ({type(exc).__name__}); {usage}") from exc
+    if not isinstance(checkpoint, dict) or "text2img_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint (it holds no text2img run config); {usage}")
+    return checkpoint
+
+
+def report_path(cfg: DictConfig, n_samples: int) -> Path:
+    """`<run>/eval/...json` for checkpoints in a run's `checkpoints/` folder, else beside the checkpoint."""
+    if cfg.out:
+        return Path(cfg.out).expanduser()
+    ckpt = Path(cfg.ckpt).expanduser()
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    extractor = HydraConfig.get().runtime.choices.get("extractor", "effnet_lite0") if HydraConfig.initialized() else ""
+    return run / "eval" / f"{cfg.split}-{ckpt.stem}-n{n_samples}-seed{cfg.seed}-{extractor}.json"
+
+
+def format_table(figures: dict[str, float]) -> str:
+    width = max(len(name) for name in figures)
+    return "\n".join(f"{name:<{width}}  {value:.6g}" for name, value in figures.items())
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Generate, score and report; returns the report written as JSON."""
+    try:
+        checkpoint = load_checkpoint(cfg.ckpt)
+        run_cfg = OmegaConf.create(checkpoint["text2img_config"])
+        with open_dict(run_cfg):
+            run_cfg.data.eval_samples = cfg.n_samples
+            run_cfg.data.test_split = cfg.split
+            run_cfg.data.eval_batch_size = cfg.batch_size
+        datamodule, model = build_model(run_cfg)
+        metrics = instantiate(cfg.metrics)
+    except Exception as exc:
+        if (error := user_error(exc)) is not None:
+            raise error from exc
+        raise
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval_seed = cfg.seed
+    model.eval_sampling = {
+        name: cfg[name] for name in ("guidance_scale", "steps") if cfg[name] is not None
+    }
+    evaluation = Evaluation(metrics, cache_dir=f"{cfg.paths.cache_dir}/eval")
+    trainer = instantiate(cfg.trainer, callbacks=[evaluation], logger=False, enable_checkpointing=False)
+    start = time.perf_counter()
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    seconds = time.perf_counter() - start
+    n_samples = len(datamodule.splits[cfg.split])
+    report = {
+        "checkpoint": str(Path(cfg.ckpt).expanduser().absolute()),
+        "step": checkpoint.get("global_step"),
+        "split": cfg.split,
+        "n_samples": n_samples,
+        "seed": cfg.seed,
+        "sampling": model.eval_sampling,
+        "seconds": round(seconds, 2),
+        "metrics": evaluation.results.get("test", {}),
+    }
+    if trainer.is_global_zero:
+        path = report_path(cfg, n_samples)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{format_table(report['metrics'])}\n({n_samples} images of {cfg.split} in {seconds:.1f} s) -> {path}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def hydra_main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+def main() -> None:
+    if (error := unknown_choice(sys.argv[1:])) is not None:
+        raise SystemExit(error)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Image features of a dataset split, computed once per (dataset, split, resolution, extractor) and cached.
+
+Reference statistics for FID/KID and the alignment evaluator's training data are both derived from
+these per-image features, so one pass of the extractor over a split serves every run and sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from text2img.data.base import ImageCaptionSource
+
+log = logging.getLogger(__name__)
+
+
+class FeatureExtractor(Protocol):
+    """What FID-style metrics need from an image network (see `EfficientNetLite0Features`)."""
+
+    num_features: int
+    feature_name: str
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Float images [B,3,H,W] in [0,1] -> features [B, num_features] float32."""
+
+    def logits(self, features: Tensor) -> Tensor:
+        """Features -> class logits (for the Inception Score)."""
+
+
+def extractor_identity(extractor: nn.Module) -> str:
+    return f"{extractor.feature_name}-{getattr(extractor, 'input_size', '')}"
+
+
+def _images_only(items: list[tuple[Tensor, str]]) -> Tensor:
+    return torch.stack([image for image, _ in items])
+
+
+def extract(dataset: Dataset, extractor: nn.Module, batch_size: int = 64, device: torch.device | str = "cpu") -> Tensor:
+    """Features [N, F] of every image of an image-caption dataset (images in [-1, 1]), in order."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_images_only)
+    return torch.cat([extractor(((images + 1) / 2).to(device)).cpu() for images in loader])
+
+
+class RealFeatureCache:
+    """`<root>/<key>.safetensors`: the features of one split's real, un-augmented images.
+
+    The key hashes the source's identity, the split and the extractor, and the file's metadata spells
+    them out. Files are written once (temporary file + rename) under a lock, so DDP ranks and parallel
+    sweep jobs compute a split once and every later run only reads it.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+
+    def path(self, source: ImageCaptionSource, split: str, extractor: nn.Module) -> Path:
+        name = f"{source.identity}|{split}|{extractor_identity(extractor)}"
+        return self.root / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.safetensors"
+
+    def features(
+        self, source: ImageCaptionSource, split: str, extractor: nn.Module, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """[N, F] features of `split`, in the split's order; computed on first use."""
+        path = self.path(source, split, extractor)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{path}.lock"):
+                if not path.exists():  # another process may have written it while we waited
+                    self._compute(source, split, extractor, path, device)
+        return load_file(path)["features"]
+
+    def _compute(
+        self, source: ImageCaptionSource, split: str, extractor: nn.Module, path: Path, device: torch.device | str
+    ) -> None:
+        start = time.perf_counter()
+        features = extract(source.split(split, augmented=False), extractor, device=device)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        metadata = {"source": source.identity, "split": split, "extractor": extractor_identity(extractor)}
+        try:
+            save_file({"features": features.contiguous()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        log.info(
+            "features: %s of %s (%d images, %s) in %.1f s -> %s",
+            split, source.identity, len(features), extractor.feature_name, time.perf_counter() - start, path,
+        )
