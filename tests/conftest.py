@@ -29,8 +29,8 @@ def asset_cache_dir() -> Path:
 CONF_DIR = REPO_ROOT / "conf"
 
 
-def compose_train(tmp_path: Path, overrides: list[str] = ()) -> "DictConfig":  # noqa: F821
-    """Compose conf/train.yaml as the CLI would, with all run outputs under tmp_path."""
+def compose_train(tmp_path: Path, overrides: list[str] = (), config_name: str = "train") -> "DictConfig":  # noqa: F821
+    """Compose conf/<config_name>.yaml as the CLI would, with all run outputs under tmp_path."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -38,7 +38,7 @@ def compose_train(tmp_path: Path, overrides: list[str] = ()) -> "DictConfig":  #
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.root_dir = str(REPO_ROOT)

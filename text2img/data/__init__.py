@@ -5,6 +5,7 @@ from text2img.data.base import ArrayImageDataset, ImageCaptionDataset, ImageCapt
 from text2img.data.captions import caption_from_name, emoji_caption
 from text2img.data.imagefolder import ImageFolderSource
 from text2img.data.openmoji import OpenMojiSource
+from text2img.data.shapes import ShapesSource
 from text2img.data.splits import SPLITS, split_indices
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ImageCaptionSource",
     "ImageFolderSource",
     "OpenMojiSource",
+    "ShapesSource",
     "caption_from_name",
     "emoji_caption",
     "split_indices",

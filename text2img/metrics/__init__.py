@@ -1,5 +1,6 @@
 """Evaluation: feature extractors, the metrics the `Evaluation` callback and `text2img.evaluate` run."""
 
+from text2img.metrics.attributes import AttributeAccuracy, ShapesAttributeChecker
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.metrics.clip_score import CLIPScoreMetric, LocalCLIPScore
 from text2img.metrics.distribution import ImageDistribution
@@ -9,6 +10,7 @@ from text2img.metrics.inception import InceptionFeatures
 from text2img.metrics.reconstruction import ReconstructionQuality
 
 __all__ = [
+    "AttributeAccuracy",
     "CLIPScoreMetric",
     "EfficientNetLite0Features",
     "EvalBatch",
@@ -19,4 +21,5 @@ __all__ = [
     "LocalCLIPScore",
     "RealFeatureCache",
     "ReconstructionQuality",
+    "ShapesAttributeChecker",
 ]

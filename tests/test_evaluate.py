@@ -1,0 +1,135 @@
+"""`python -m text2img.evaluate` end to end on a tiny checkpoint: report, reproducibility, DDP, caches, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, compose_train, smoke_overrides, write_imagefolder
+
+from text2img.cli import unknown_choice
+from text2img.evaluate import evaluate, format_table
+from text2img.metrics import EvalBatch, ReconstructionQuality
+from text2img.train import train
+from text2img.types import EvalOutputs, TextEmbedding
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-step smoke run's last checkpoint (tiny encoder and UNet on a 48-image folder)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_imagefolder(root / "data")
+    train(compose_train(root / "run", smoke_overrides(data, "logger=csv", "test=false")))
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def run_evaluate(tmp_path: Path, checkpoint: Path, *overrides: str) -> dict:
+    cfg = compose_train(tmp_path, [f"ckpt={checkpoint}", f"out={tmp_path / 'report.json'}", *overrides], "eval")
+    return evaluate(cfg)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "text2img.evaluate", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600
+    )
+
+
+def test_cli_prints_a_table_and_writes_json_next_to_the_run(checkpoint: Path, tmp_path: Path) -> None:
+    out = cli(f"ckpt={checkpoint}", "n_samples=12", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report_file = checkpoint.parents[1] / "eval" / "test-last-n12-seed1234-effnet_lite0.json"
+    report = json.loads(report_file.read_text())
+    assert report["n_samples"] == 12 and report["split"] == "test" and report["step"] == 6
+    assert set(report["metrics"]) == {"fid_effnet", "kid_effnet", "is_effnet"}
+    assert format_table(report["metrics"]) in out.stdout
+
+
+def test_a_fixed_seed_gives_the_same_figures_twice(checkpoint: Path, tmp_path: Path) -> None:
+    first = run_evaluate(tmp_path, checkpoint, "n_samples=10")["metrics"]
+    assert run_evaluate(tmp_path, checkpoint, "n_samples=10")["metrics"] == first
+    assert run_evaluate(tmp_path, checkpoint, "n_samples=10", "seed=99")["metrics"] != first
+
+
+def test_real_features_are_cached_per_split_and_reused(checkpoint: Path, tmp_path: Path) -> None:
+    features = tmp_path / "cache" / "eval" / "features"
+    run_evaluate(tmp_path, checkpoint, "n_samples=8", f"paths.cache_dir={tmp_path / 'cache'}")
+    files = {path: path.stat().st_mtime_ns for path in features.glob("*.safetensors")}
+    assert len(files) == 1
+    run_evaluate(tmp_path, checkpoint, "n_samples=8", f"paths.cache_dir={tmp_path / 'cache'}")
+    run_evaluate(tmp_path, checkpoint, "n_samples=8", "split=val", f"paths.cache_dir={tmp_path / 'cache'}")
+    after = {path: path.stat().st_mtime_ns for path in features.glob("*.safetensors")}
+    assert len(after) == 2 and all(after[path] == mtime for path, mtime in files.items())  # val added, test reused
+
+
+def test_few_samples_warn_with_the_number_needed(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING"):
+        run_evaluate(tmp_path, checkpoint, "n_samples=6")
+    assert "fid_effnet from 6 generated images" in caplog.text and "use n_samples>=1281" in caplog.text
+
+
+@pytest.mark.slow
+def test_one_and_two_ddp_processes_give_the_same_figures(checkpoint: Path, tmp_path: Path) -> None:
+    single = run_evaluate(tmp_path, checkpoint, "n_samples=25")["metrics"]
+    out = cli(f"ckpt={checkpoint}", "n_samples=25", "trainer=ddp_cpu", f"out={tmp_path / 'ddp.json'}",
+              f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    ddp = json.loads((tmp_path / "ddp.json").read_text())["metrics"]
+    # 25 samples split 13 + 12 over the processes (no padding duplicates)
+    assert ddp == pytest.approx(single, rel=1e-4)
+
+
+def one_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode != 0
+    message = out.stderr.strip().splitlines()[-1]
+    assert message.startswith("text2img: error: ")
+    return message
+
+
+def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+    message = one_line(cli(f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path}"))
+    assert f"ckpt='{tmp_path / 'nope.ckpt'}' does not exist; pass a .ckpt written by text2img.train" in message
+
+
+@pytest.mark.parametrize("content", ["text", "torch"])
+def test_a_file_that_is_not_a_text2img_checkpoint_is_one_line(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "other.ckpt"
+    if content == "text":
+        path.write_text("not a checkpoint")
+    else:
+        torch.save({"state_dict": {}}, path)  # a PyTorch file without the run config
+    with pytest.raises(SystemExit) as exc:
+        run_evaluate(tmp_path, path)
+    message = str(exc.value.code)
+    assert message.startswith(f"text2img: error: ckpt='{path}' is not a text2img checkpoint") and "\n" not in message
+
+
+def test_unknown_extractor_is_one_line() -> None:
+    assert unknown_choice(["ckpt=x", "extractor=clip"]) == (
+        "text2img: error: unknown extractor 'clip'; choose one of: effnet_lite0, inception"
+    )
+
+
+def test_reconstruction_quality_is_per_image_psnr_and_ssim() -> None:
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(6, 3, 16, 16, generator=g)
+    text = TextEmbedding(torch.zeros(6, 1, 2), torch.ones(6, 1, dtype=torch.bool), torch.zeros(6, 2))
+
+    def scores(reconstructions: torch.Tensor | None) -> dict[str, float]:
+        metric = ReconstructionQuality()
+        batch = EvalOutputs(real, real, [""] * 6, text, torch.arange(6), reconstructions)
+        metric.update(EvalBatch(batch))
+        return {name: value.item() for name, value in metric.compute().items()}
+
+    assert scores(None) == {}  # generators that do not reconstruct report nothing
+    noisy = (real + 0.05 * torch.randn(real.shape, generator=g)).clamp(0, 1)
+    worse = (real + 0.2 * torch.randn(real.shape, generator=g)).clamp(0, 1)
+    good, bad = scores(noisy), scores(worse)
+    assert good["psnr"] == pytest.approx(26.4, abs=0.5)  # 10 log10(1 / 0.05^2) = 26.0, a little more after clamping
+    assert good["psnr"] > bad["psnr"] + 10 and 0 < bad["ssim"] < good["ssim"] < 1
+    assert scores(real)["ssim"] == pytest.approx(1.0)
