@@ -10,11 +10,20 @@ from conftest import CONF_DIR, compose_train
 from text2img.encoders.base import TextEncoder
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
+from text2img.metrics import EvalMetric
 
-GROUPS = ["encoder", "fusion", "generator", "data", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS = [
+    "encoder", "fusion", "generator", "data", "trainer", "logger", "extractor", "metrics", "callbacks", "debug",
+    "experiment",
+]
 # Options that need a value only the user can give.
 REQUIRED = {"encoder=hf": ["encoder.model=some/model", "encoder.hidden_size=64"]}
 NEEDS_GPU = {"trainer=gpu", "trainer=ddp", "experiment=openmoji_gpu"}
+# Options whose weights or dependencies cannot exist on the test machine: building them must say what is missing.
+UNAVAILABLE = {
+    "extractor=inception": "extractor=inception needs torch-fidelity",
+    "metrics=clip_score": "metrics.clip_score.model",
+}
 
 
 def options(group: str) -> list[str]:
@@ -41,6 +50,10 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder):
         # No GPU here: check the composed values instead of building a Trainer.
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         return
+    if override in UNAVAILABLE:
+        with pytest.raises(Exception, match=UNAVAILABLE[override]):
+            instantiate(cfg[group])
+        return
     if group == "encoder":
         encoder = instantiate(cfg.encoder)
         assert isinstance(encoder, TextEncoder) and not encoder.is_loaded
@@ -49,6 +62,12 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder):
         assert isinstance(instantiate(cfg.fusion), FusionHead)
     elif group == "generator":
         assert isinstance(instantiate(cfg.generator), Generator)
+    elif group == "extractor":
+        extractor = instantiate(cfg.extractor)
+        assert extractor(torch.rand(1, 3, 32, 32)).shape == (1, extractor.num_features)
+    elif group == "metrics":
+        (metric,) = instantiate(cfg.metrics).values()
+        assert isinstance(metric, EvalMetric)
     elif group == "data":
         datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
         assert len(datamodule.source.split("train")) > 0
