@@ -87,4 +87,4 @@ def imagefolder(tmp_path: Path) -> Path:
 def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
     """A seconds-long real training run on a small image folder (tiny encoder and UNet)."""
     return ["debug=smoke", "data=imagefolder", f"data.source.path={data_dir}", "data.source.val_fraction=0.2",
-            "data.source.test_fraction=0.2", *extra]
+            "data.source.test_fraction=0.2", f"callbacks.evaluation.cache_dir={data_dir.parent / 'eval-cache'}", *extra]

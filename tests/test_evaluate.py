@@ -133,3 +133,22 @@ def test_reconstruction_quality_is_per_image_psnr_and_ssim() -> None:
     assert good["psnr"] == pytest.approx(26.4, abs=0.5)  # 10 log10(1 / 0.05^2) = 26.0, a little more after clamping
     assert good["psnr"] > bad["psnr"] + 10 and 0 < bad["ssim"] < good["ssim"] < 1
     assert scores(real)["ssim"] == pytest.approx(1.0)
+
+
+SMALL_LIT = ["metrics=[image,alignment]", "metrics.alignment.config.steps=40", "metrics.alignment.config.batch_size=16",
+             "metrics.alignment.k=4"]
+
+
+def test_alignment_reports_generated_real_and_shuffled_figures_and_caches_the_evaluator(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    figures = run_evaluate(tmp_path, checkpoint, "n_samples=12", cache, *SMALL_LIT)["metrics"]
+    for name in ("clip_score_lit", "r_precision"):
+        assert {name, f"{name}_real", f"{name}_shuffled"} <= set(figures)
+    assert all(0 <= figures[name] <= 1 for name in ("r_precision", "r_precision_real", "r_precision_shuffled"))
+    assert 0 <= figures["clip_score_lit"] <= 100
+    (evaluator,) = (tmp_path / "cache" / "eval" / "lit").glob("*/weights.safetensors")
+    trained_at = evaluator.stat().st_mtime_ns
+    again = run_evaluate(tmp_path, checkpoint, "n_samples=12", cache, *SMALL_LIT)["metrics"]
+    assert again == figures and evaluator.stat().st_mtime_ns == trained_at  # loaded, not retrained

@@ -117,8 +117,8 @@ class ImageCaptionSource(ABC):
         """
 
     def _split_identity(self) -> str:
-        """The part of `identity` every source shares: image size and split fractions."""
-        return f"{self.image_size}px-val{self.val_fraction}-test{self.test_fraction}"
+        """The part of `identity` every source shares: the split fractions."""
+        return f"val{self.val_fraction}-test{self.test_fraction}"
 
     @abstractmethod
     def _subset(self, indices: list[int], transform: Transform | None) -> ImageCaptionDataset:

@@ -158,7 +158,7 @@ class ImageFolderSource(ImageCaptionSource):
         for path in self.paths:
             stat = path.stat()
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        return f"imagefolder-{self.root.resolve()}-{digest.hexdigest()[:16]}-{self._split_identity()}"
+        return f"imagefolder-{self.root.resolve()}-{digest.hexdigest()[:16]}-{self.image_size}px-{self._split_identity()}"
 
     def _subset(self, indices: list[int], transform: Transform | None) -> ImageFileDataset:
         return ImageFileDataset(

@@ -1,5 +1,6 @@
 """Evaluation: feature extractors, the metrics the `Evaluation` callback and `text2img.evaluate` run."""
 
+from text2img.metrics.alignment import LiTAlignment
 from text2img.metrics.attributes import AttributeAccuracy, ShapesAttributeChecker
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.metrics.clip_score import CLIPScoreMetric, LocalCLIPScore
@@ -7,6 +8,7 @@ from text2img.metrics.distribution import ImageDistribution
 from text2img.metrics.effnet import EfficientNetLite0Features
 from text2img.metrics.features import RealFeatureCache
 from text2img.metrics.inception import InceptionFeatures
+from text2img.metrics.lit import LiTConfig, LiTEvaluator, load_or_train_lit
 from text2img.metrics.reconstruction import ReconstructionQuality
 
 __all__ = [
@@ -18,8 +20,12 @@ __all__ = [
     "EvalMetric",
     "ImageDistribution",
     "InceptionFeatures",
+    "LiTAlignment",
+    "LiTConfig",
+    "LiTEvaluator",
     "LocalCLIPScore",
     "RealFeatureCache",
+    "load_or_train_lit",
     "ReconstructionQuality",
     "ShapesAttributeChecker",
 ]

@@ -1,0 +1,79 @@
+"""Prompt following of generated images, scored by the LiT evaluator (see `lit.py`)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
+from text2img.metrics.lit import LiTConfig, LiTEvaluator, clip_score, load_or_train_lit, r_precision_hits, real_alignment
+
+log = logging.getLogger(__name__)
+
+
+class LiTAlignment(EvalMetric):
+    """`clip_score_lit` (100 * mean max(cos, 0) of image and prompt embeddings) and `r_precision` (the
+    fraction of images whose own prompt ranks first among itself and k-1 other prompts of the split) of
+    generated images, with the same two figures for the split's real images as the ceiling
+    (`clip_score_lit_real`, `r_precision_real`) and for real images with shuffled prompts as the floor
+    (`clip_score_lit_shuffled`, `r_precision_shuffled`).
+
+    The evaluator is trained on the data's train split the first time a (dataset, extractor, encoder,
+    config, seed) is seen, and cached under `<cache_dir>/lit/`.
+    """
+
+    def __init__(self, extractor: nn.Module, k: int = 32, config: LiTConfig | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if k < 2:
+            raise ValueError(f"alignment k={k} must be at least 2 (the own prompt and one distractor); 32 is usual")
+        self.extractor = extractor
+        self.k = k
+        self.config = config or LiTConfig()
+        self.seed = seed
+        self.add_state("score_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("hits", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.evaluator: LiTEvaluator | None = None
+        self.candidates: Tensor | None = None
+        self.row_of: dict[str, int] = {}
+        self.real: dict[str, float] = {}
+
+    def prepare(self, context: EvalContext) -> None:
+        self.evaluator = load_or_train_lit(
+            context.source, context.encoder, context.embeddings, context.features, self.extractor,
+            context.cache_dir / "lit", self.config, self.seed,
+        )
+        if len(context.prompts) < self.k:
+            log.warning(
+                "alignment: the %s split has %d distinct prompts, fewer than k=%d; R-precision uses k=%d",
+                context.split, len(context.prompts), self.k, len(context.prompts),
+            )
+            self.k = len(context.prompts)
+        self.row_of = {caption: row for row, caption in enumerate(context.prompts)}
+        with torch.no_grad():
+            self.candidates = self.evaluator.embed_text(context.prompt_text.to("cpu", torch.float32))
+        captions = context.source.split(context.split, augmented=False).captions
+        real_features = context.features.features(context.source, context.split, self.extractor)
+        real_text = context.prompt_text[[self.row_of[caption] for caption in captions]]
+        real = real_alignment(self.evaluator, real_features, real_text, captions, self.k, self.seed)
+        self.real = {name if name.endswith("_shuffled") else f"{name}_real": value for name, value in real.items()}
+
+    def update(self, batch: EvalBatch) -> None:
+        assert self.evaluator is not None and self.candidates is not None, "prepare() first"
+        features = batch.features(self.extractor).cpu()
+        own = torch.tensor([self.row_of[caption] for caption in batch.outputs.captions])
+        with torch.no_grad():
+            images = self.evaluator.embed_images(features)
+        hits = r_precision_hits(images, self.candidates, own, batch.outputs.keys.cpu(), self.k, self.seed)
+        self.score_sum += clip_score(images, self.candidates[own]).double().sum().to(self.score_sum.device)
+        self.hits += hits.double().sum().to(self.hits.device)
+        self.count += len(own)
+
+    def compute(self) -> dict[str, Tensor]:
+        figures = {
+            "clip_score_lit": (self.score_sum / self.count).float(),
+            "r_precision": (self.hits / self.count).float(),
+        }
+        return figures | {name: torch.tensor(value) for name, value in self.real.items()}
