@@ -41,6 +41,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/train_throughput.py
+	$(BIN)/python experiments/bench/eval_throughput.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +27,7 @@ from text2img.metrics import EfficientNetLite0Features, InceptionFeatures, Local
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Two intra-op threads on a busy 2-core machine stall each other (several times slower, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def broken_torch_fidelity(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

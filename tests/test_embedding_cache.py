@@ -2,7 +2,7 @@
 
 import json
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,13 +16,7 @@ from text2img.types import TextEmbedding
 CAPTIONS = ["grinning face", "man running facing right", "red apple", "", "a much longer caption than the others"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small batches run far faster on one thread when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Spy:

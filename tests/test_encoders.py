@@ -1,7 +1,6 @@
 """Text encoders: the TextEncoder contract, padding invariance, layer/template/pooling options, config errors."""
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,7 @@ LONG = (
 CAPTIONS = [LONG, SHORT, "man running facing right", "", "red apple"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small batches run ~50x faster on one thread when other processes share the 2 cores (each parallel
-    op waits ~12 ms for a descheduled OpenMP thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,11 @@ from text2img.train import train
 from text2img.types import EvalOutputs, TextEmbedding
 
 
+# The alignment evaluator at test size: trained in a second on the 29 training pairs.
+SMALL_LIT = ["metrics=[image,alignment]", "metrics.alignment.config.steps=40", "metrics.alignment.config.batch_size=16",
+             "metrics.alignment.k=4"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-step smoke run's last checkpoint (tiny encoder and UNet on a 48-image folder)."""
@@ -28,7 +33,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_evaluate(tmp_path: Path, checkpoint: Path, *overrides: str) -> dict:
-    cfg = compose_train(tmp_path, [f"ckpt={checkpoint}", f"out={tmp_path / 'report.json'}", *overrides], "eval")
+    """Evaluate in-process; FID/KID/IS only and caches under tmp_path unless the overrides say otherwise."""
+    defaults = {"metrics": "metrics=[image]", "paths.cache_dir": f"paths.cache_dir={tmp_path / 'cache'}"}
+    given = {override.split("=")[0] for override in overrides}
+    extra = [value for key, value in defaults.items() if key not in given]
+    cfg = compose_train(tmp_path, [f"ckpt={checkpoint}", f"out={tmp_path / 'report.json'}", *extra, *overrides], "eval")
     return evaluate(cfg)
 
 
@@ -39,12 +48,13 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prints_a_table_and_writes_json_next_to_the_run(checkpoint: Path, tmp_path: Path) -> None:
-    out = cli(f"ckpt={checkpoint}", "n_samples=12", f"hydra.run.dir={tmp_path}")
+    out = cli(f"ckpt={checkpoint}", "n_samples=12", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}",
+              *SMALL_LIT)
     assert out.returncode == 0, out.stderr[-2000:]
     report_file = checkpoint.parents[1] / "eval" / "test-last-n12-seed1234-effnet_lite0.json"
     report = json.loads(report_file.read_text())
     assert report["n_samples"] == 12 and report["split"] == "test" and report["step"] == 6
-    assert set(report["metrics"]) == {"fid_effnet", "kid_effnet", "is_effnet"}
+    assert {"fid_effnet", "kid_effnet", "is_effnet", "clip_score_lit", "r_precision"} <= set(report["metrics"])
     assert format_table(report["metrics"]) in out.stdout
 
 
@@ -56,11 +66,11 @@ def test_a_fixed_seed_gives_the_same_figures_twice(checkpoint: Path, tmp_path: P
 
 def test_real_features_are_cached_per_split_and_reused(checkpoint: Path, tmp_path: Path) -> None:
     features = tmp_path / "cache" / "eval" / "features"
-    run_evaluate(tmp_path, checkpoint, "n_samples=8", f"paths.cache_dir={tmp_path / 'cache'}")
+    run_evaluate(tmp_path, checkpoint, "n_samples=8")
     files = {path: path.stat().st_mtime_ns for path in features.glob("*.safetensors")}
     assert len(files) == 1
-    run_evaluate(tmp_path, checkpoint, "n_samples=8", f"paths.cache_dir={tmp_path / 'cache'}")
-    run_evaluate(tmp_path, checkpoint, "n_samples=8", "split=val", f"paths.cache_dir={tmp_path / 'cache'}")
+    run_evaluate(tmp_path, checkpoint, "n_samples=8")
+    run_evaluate(tmp_path, checkpoint, "n_samples=8", "split=val")
     after = {path: path.stat().st_mtime_ns for path in features.glob("*.safetensors")}
     assert len(after) == 2 and all(after[path] == mtime for path, mtime in files.items())  # val added, test reused
 
@@ -75,12 +85,13 @@ def test_few_samples_warn_with_the_number_needed(
 
 @pytest.mark.slow
 def test_one_and_two_ddp_processes_give_the_same_figures(checkpoint: Path, tmp_path: Path) -> None:
-    single = run_evaluate(tmp_path, checkpoint, "n_samples=25")["metrics"]
+    single = run_evaluate(tmp_path, checkpoint, "n_samples=25", *SMALL_LIT)["metrics"]
     out = cli(f"ckpt={checkpoint}", "n_samples=25", "trainer=ddp_cpu", f"out={tmp_path / 'ddp.json'}",
-              f"hydra.run.dir={tmp_path}")
+              f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", *SMALL_LIT)
     assert out.returncode == 0, out.stderr[-2000:]
     ddp = json.loads((tmp_path / "ddp.json").read_text())["metrics"]
-    # 25 samples split 13 + 12 over the processes (no padding duplicates)
+    # 25 samples split 13 + 12 over the processes (no padding duplicates); FID, KID, IS and alignment
+    assert set(ddp) == set(single) and "r_precision" in ddp
     assert ddp == pytest.approx(single, rel=1e-4)
 
 
@@ -135,20 +146,16 @@ def test_reconstruction_quality_is_per_image_psnr_and_ssim() -> None:
     assert scores(real)["ssim"] == pytest.approx(1.0)
 
 
-SMALL_LIT = ["metrics=[image,alignment]", "metrics.alignment.config.steps=40", "metrics.alignment.config.batch_size=16",
-             "metrics.alignment.k=4"]
-
 
 def test_alignment_reports_generated_real_and_shuffled_figures_and_caches_the_evaluator(
     checkpoint: Path, tmp_path: Path
 ) -> None:
-    cache = f"paths.cache_dir={tmp_path / 'cache'}"
-    figures = run_evaluate(tmp_path, checkpoint, "n_samples=12", cache, *SMALL_LIT)["metrics"]
+    figures = run_evaluate(tmp_path, checkpoint, "n_samples=12", *SMALL_LIT)["metrics"]
     for name in ("clip_score_lit", "r_precision"):
         assert {name, f"{name}_real", f"{name}_shuffled"} <= set(figures)
     assert all(0 <= figures[name] <= 1 for name in ("r_precision", "r_precision_real", "r_precision_shuffled"))
     assert 0 <= figures["clip_score_lit"] <= 100
     (evaluator,) = (tmp_path / "cache" / "eval" / "lit").glob("*/weights.safetensors")
     trained_at = evaluator.stat().st_mtime_ns
-    again = run_evaluate(tmp_path, checkpoint, "n_samples=12", cache, *SMALL_LIT)["metrics"]
+    again = run_evaluate(tmp_path, checkpoint, "n_samples=12", *SMALL_LIT)["metrics"]
     assert again == figures and evaluator.stat().st_mtime_ns == trained_at  # loaded, not retrained

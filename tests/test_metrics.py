@@ -6,7 +6,6 @@ checks share one extractor, compute the features of each image set once, and use
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -34,14 +33,7 @@ def smooth_images(n: int, seed: int, size: int = 32) -> Tensor:
     return images.clamp(0, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # On a busy 2-core machine two intra-op threads stall each other (measured 2-30x slower here,
-    # worst for small batches); one thread keeps these tests fast whatever else is running.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

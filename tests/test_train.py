@@ -1,10 +1,8 @@
 """Training end to end on a small image folder: fast_dev_run, products of a run, resume, DDP, bad input."""
 
-import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -24,3 +27,10 @@ def unknown_choice(args: list[str], conf_dir: Path = CONF_DIR) -> str | None:
             if option and option != "null" and option not in options:
                 return f"text2img: error: unknown {key} '{option}'; choose one of: {', '.join(options)}"
     return None
+
+
+def run_checked(hydra_main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` function after checking the command line's group options."""
+    if (error := unknown_choice(sys.argv[1:])) is not None:
+        raise SystemExit(error)
+    hydra_main()

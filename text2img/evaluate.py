@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from text2img.callbacks.evaluation import Evaluation
-from text2img.cli import unknown_choice
+from text2img.cli import run_checked
 from text2img.errors import ConfigError
 from text2img.train import build_model, user_error
 
@@ -50,8 +49,14 @@ def report_path(cfg: DictConfig, n_samples: int) -> Path:
         return Path(cfg.out).expanduser()
     ckpt = Path(cfg.ckpt).expanduser()
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    extractor = HydraConfig.get().runtime.choices.get("extractor", "effnet_lite0") if HydraConfig.initialized() else ""
-    return run / "eval" / f"{cfg.split}-{ckpt.stem}-n{n_samples}-seed{cfg.seed}-{extractor}.json"
+    return run / "eval" / f"{cfg.split}-{ckpt.stem}-n{n_samples}-seed{cfg.seed}-{extractor_name(cfg)}.json"
+
+
+def extractor_name(cfg: DictConfig) -> str:
+    """The `extractor=` option chosen (the class name when composed outside the command line)."""
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get("extractor"))
+    return str(cfg.extractor._target_).rsplit(".", 1)[-1]
 
 
 def format_table(figures: dict[str, float]) -> str:
@@ -84,13 +89,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.test(model, datamodule=datamodule, verbose=False)
     seconds = time.perf_counter() - start
-    n_samples = len(datamodule.splits[cfg.split])
+    n_samples = len(datamodule.test_set)
     report = {
         "checkpoint": str(Path(cfg.ckpt).expanduser().absolute()),
         "step": checkpoint.get("global_step"),
         "split": cfg.split,
         "n_samples": n_samples,
         "seed": cfg.seed,
+        "extractor": extractor_name(cfg),
         "sampling": model.eval_sampling,
         "seconds": round(seconds, 2),
         "metrics": evaluation.results.get("test", {}),
@@ -109,9 +115,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    if (error := unknown_choice(sys.argv[1:])) is not None:
-        raise SystemExit(error)
-    hydra_main()
+    run_checked(hydra_main)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 
 import hydra
@@ -12,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from text2img.cli import unknown_choice
+from text2img.cli import run_checked
 from text2img.errors import ConfigError, root_cause
 from text2img.generators.base import check_compatible
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
@@ -119,9 +118,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    if (error := unknown_choice(sys.argv[1:])) is not None:
-        raise SystemExit(error)
-    hydra_main()
+    run_checked(hydra_main)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def compose_cfg(overrides: list[str]):
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
         cfg.paths.output_dir = str(ROOT / "outputs" / "bench")
+        del cfg.hydra  # the run config stored by build_model must resolve without a Hydra job
     return cfg
 
 

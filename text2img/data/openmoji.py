@@ -31,6 +31,7 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image, ImageDraw, ImageFont
 
+from text2img.files import atomic_path
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
 from text2img.data.captions import emoji_caption
 
@@ -70,21 +71,14 @@ class OpenMojiRender:
     skipped: list[str]  # names of the emoji the font cannot draw
 
     def save(self, path: Path) -> None:
-        """Write to a temporary file and rename, so a reader never sees a half-written cache."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    images=self.images,
-                    captions=np.array(self.captions, dtype=str),
-                    codepoints=np.array(self.codepoints, dtype=str),
-                    skipped=np.array(self.skipped, dtype=str),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                images=self.images,
+                captions=np.array(self.captions, dtype=str),
+                codepoints=np.array(self.codepoints, dtype=str),
+                skipped=np.array(self.skipped, dtype=str),
+            )
 
     @classmethod
     def load(cls, path: Path) -> OpenMojiRender:

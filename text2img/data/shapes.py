@@ -54,6 +54,7 @@ from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from text2img.data.augment import ImageAugment
+from text2img.files import atomic_path
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
 
 if TYPE_CHECKING:
@@ -295,20 +296,13 @@ class ShapesRender:
     composition_ids: np.ndarray  # [N] index into all_compositions()
 
     def save(self, path: Path) -> None:
-        """Write to a temporary file and rename, so a reader never sees a half-written cache."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    images=self.images,
-                    captions=np.array(self.captions, dtype=str),
-                    composition_ids=self.composition_ids,
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                images=self.images,
+                captions=np.array(self.captions, dtype=str),
+                composition_ids=self.composition_ids,
+            )
 
     @classmethod
     def load(cls, path: Path) -> ShapesRender:

@@ -61,23 +61,28 @@ class Text2ImgDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        val_samples: int | None = None,
         eval_samples: int | None = None,
         test_split: str = "test",
     ) -> None:
         super().__init__()
-        if eval_samples is not None and eval_samples < 1:
-            raise ValueError(f"eval_samples={eval_samples} must be a positive number of images, or null for one per prompt")
+        for name, value in (("data.val_samples", val_samples), ("n_samples (data.eval_samples)", eval_samples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be a positive number of images, or null for one per prompt")
         self.source = source
         self.encoder = encoder
         self.cache = EmbeddingCache(embedding_cache_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.val_samples = val_samples
         self.eval_samples = eval_samples
-        if test_split not in SPLITS:
-            raise ValueError(f"data.test_split={test_split!r} is unknown; use one of {', '.join(SPLITS)}")
+        if test_split not in ("val", "test"):
+            raise ValueError(f"split={test_split!r} cannot be evaluated; use test or val (held-out prompts)")
         self.test_split = test_split
-        self.splits: dict[str, Dataset] = {}
+        self.splits: dict[str, EmbeddedSplit] = {}
+        # What the test stage evaluates: `test_split` as `eval_samples` keyed samples.
+        self.test_set: EmbeddedSplit | None = None
         self.table: TextEmbedding | None = None
         self.row_of: dict[str, int] = {}
 
@@ -97,15 +102,23 @@ class Text2ImgDataModule(L.LightningDataModule):
         self.table = self.cache.lookup(self.encoder, unique)
         self.row_of = {caption: row for row, caption in enumerate(unique)}
         for name, dataset in datasets.items():
-            rows = [self.row_of[c] for c in dataset.captions]
-            if name == "train":
-                self.splits[name] = EmbeddedSplit(dataset, rows)
-                continue
-            # Evaluation order is a fixed shuffle: sample grids show varied prompts, not one run of
-            # neighbours (e.g. 30 flags), and are the same in every run.
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-            self.splits[name] = EmbeddedSplit(dataset, rows, order, self.eval_samples)
-        log.info("data: %s", ", ".join(f"{n} {len(s)}" for n, s in self.splits.items()))
+            self.splits[name] = EmbeddedSplit(dataset, [self.row_of[c] for c in dataset.captions])
+        # Evaluation sets: the split in a fixed shuffled order (grids show varied prompts, not a run of
+        # neighbours such as 30 flags), the same in every run; their size is a number of samples, not of
+        # batches, so figures do not depend on the number of processes.
+        self.test_set = self._evaluation_set(self.splits[self.test_split], self.eval_samples)
+        val_size = None if self.val_samples is None else min(self.val_samples, len(self.splits["val"]))
+        self.splits["val"] = self._evaluation_set(self.splits["val"], val_size)
+        log.info(
+            "data: %s; validation on %d samples, test on %d of %s",
+            ", ".join(f"{n} {len(d.rows)}" for n, d in self.splits.items()),
+            len(self.splits["val"]), len(self.test_set), self.test_split,
+        )
+
+    @staticmethod
+    def _evaluation_set(split: EmbeddedSplit, size: int | None) -> EmbeddedSplit:
+        order = torch.randperm(len(split.rows), generator=torch.Generator().manual_seed(0)).tolist()
+        return EmbeddedSplit(split.images, split.rows, order, size)
 
     def eval_split(self, stage: str) -> str:
         """The split a "val" or "test" stage evaluates."""
@@ -124,8 +137,7 @@ class Text2ImgDataModule(L.LightningDataModule):
         text = self.table[torch.tensor(rows)].trimmed()
         return Batch(images=torch.stack(images), captions=list(captions), text=text, keys=torch.tensor(keys))
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = self.splits[split]
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = None
         if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Lightning's default DistributedSampler pads ranks with repeated samples, which would count
@@ -143,10 +155,11 @@ class Text2ImgDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        return self._loader(self.splits["train"], self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._loader(self.splits["val"], self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split, self.eval_batch_size, shuffle=False)
+        assert self.test_set is not None, "call setup() first"
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from text2img.data.base import ImageCaptionSource
+from text2img.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,9 @@ class RealFeatureCache:
     ) -> None:
         start = time.perf_counter()
         features = extract(source.split(split, augmented=False), extractor, device=device)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {"source": source.identity, "split": split, "extractor": extractor_identity(extractor)}
-        try:
+        with atomic_path(path) as tmp:
             save_file({"features": features.contiguous()}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         log.info(
             "features: %s of %s (%d images, %s) in %.1f s -> %s",
             split, source.identity, len(features), extractor.feature_name, time.perf_counter() - start, path,
