@@ -78,7 +78,7 @@ def test_ddp_cpu_two_processes(tmp_path, imagefolder):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     # rank 1 was relaunched into the same run folder: no second folder appeared
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "eval-cache", "run"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
