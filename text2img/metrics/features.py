@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from text2img.data.base import ImageCaptionSource
-from text2img.files import atomic_path
+from text2img.files import build_once
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,7 @@ class RealFeatureCache:
     ) -> Tensor:
         """[N, F] features of `split`, in the split's order; computed on first use."""
         path = self.path(source, split, extractor)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(f"{path}.lock"):
-                if not path.exists():  # another process may have written it while we waited
-                    self._compute(source, split, extractor, path, device)
+        build_once(path, lambda tmp: self._compute(source, split, extractor, tmp, device))
         return load_file(path)["features"]
 
     def _compute(
@@ -85,9 +80,9 @@ class RealFeatureCache:
         start = time.perf_counter()
         features = extract(source.split(split, augmented=False), extractor, device=device)
         metadata = {"source": source.identity, "split": split, "extractor": extractor_identity(extractor)}
-        with atomic_path(path) as tmp:
-            save_file({"features": features.contiguous()}, tmp, metadata=metadata)
+        save_file({"features": features.contiguous()}, path, metadata=metadata)
         log.info(
             "features: %s of %s (%d images, %s) in %.1f s -> %s",
-            split, source.identity, len(features), extractor.feature_name, time.perf_counter() - start, path,
+            split, source.identity, len(features), extractor.feature_name, time.perf_counter() - start,
+            self.path(source, split, extractor),
         )
