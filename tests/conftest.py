@@ -3,8 +3,15 @@
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from torch import Tensor
+
+    from text2img.metrics import EvalBatch
 
 # Model hubs are unreachable here; without these a hub lookup takes ~50 s to fail.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,7 +51,7 @@ def asset_cache_dir() -> Path:
 CONF_DIR = REPO_ROOT / "conf"
 
 
-def compose_train(tmp_path: Path, overrides: list[str] = (), config_name: str = "train") -> "DictConfig":  # noqa: F821
+def compose_train(tmp_path: Path, overrides: list[str] = (), config_name: str = "train") -> "DictConfig":
     """Compose conf/<config_name>.yaml as the CLI would, with all run outputs under tmp_path."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -103,3 +110,20 @@ def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
     """A seconds-long real training run on a small image folder (tiny encoder and UNet)."""
     return ["debug=smoke", "data=imagefolder", f"data.source.path={data_dir}", "data.source.val_fraction=0.2",
             "data.source.test_fraction=0.2", f"callbacks.evaluation.cache_dir={data_dir.parent / 'eval-cache'}", *extra]
+
+
+def eval_batch(
+    images: "Tensor", captions: list[str] | None = None, keys: "Tensor | None" = None,
+    reconstructions: "Tensor | None" = None,
+) -> "EvalBatch":
+    """Evaluation outputs as metrics receive them, for images in [0, 1] that are also their own real images;
+    the text embeddings are placeholders (no metric under test reads them)."""
+    import torch
+
+    from text2img.metrics import EvalBatch
+    from text2img.types import EvalOutputs, TextEmbedding
+
+    n = len(images)
+    text = TextEmbedding(torch.zeros(n, 1, 2), torch.ones(n, 1, dtype=torch.bool), torch.zeros(n, 2))
+    keys = torch.arange(n) if keys is None else keys
+    return EvalBatch(EvalOutputs(images, images, captions or [""] * n, text, keys, reconstructions))

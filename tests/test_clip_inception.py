@@ -218,17 +218,13 @@ def test_clip_score_option_from_the_metrics_config(clip_dir: Path, tmp_path: Pat
     """`metrics=[clip_score] metrics.clip_score.model=DIR` builds a metric the Evaluation callback can feed."""
     from hydra.utils import instantiate
 
-    from conftest import compose_train
-    from text2img.metrics import EvalBatch
-    from text2img.types import EvalOutputs, TextEmbedding
+    from conftest import compose_train, eval_batch
 
     cfg = compose_train(tmp_path, ["metrics=[clip_score]", f"metrics.clip_score.model={clip_dir}"])
     metric = instantiate(cfg.metrics.clip_score)
     images = smooth_images(len(CAPTIONS))
-    n = len(CAPTIONS)
-    text = TextEmbedding(torch.zeros(n, 1, 2), torch.ones(n, 1, dtype=torch.bool), torch.zeros(n, 2))
     for _ in range(2):  # the second round checks that reset() clears the wrapped CLIPScore too
-        metric.update(EvalBatch(EvalOutputs(images, images, CAPTIONS, text, torch.arange(n))))
+        metric.update(eval_batch(images, CAPTIONS))
         figures = metric.compute()
         metric.reset()
     torch.testing.assert_close(figures["clip_score"], manual_clip_score(clip_dir, images, CAPTIONS), atol=1e-4, rtol=1e-4)

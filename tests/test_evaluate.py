@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_train, smoke_overrides, write_imagefolder
+from conftest import REPO_ROOT, compose_train, eval_batch, smoke_overrides, write_imagefolder
 
 from text2img.cli import unknown_choice
 from text2img.evaluate import evaluate, format_table
-from text2img.metrics import EvalBatch, ReconstructionQuality
+from text2img.metrics import ReconstructionQuality
 from text2img.train import train
-from text2img.types import EvalOutputs, TextEmbedding
 
 
 # The alignment evaluator at test size: trained in a second on the 29 training pairs.
@@ -129,12 +128,10 @@ def test_unknown_extractor_is_one_line() -> None:
 def test_reconstruction_quality_is_per_image_psnr_and_ssim() -> None:
     g = torch.Generator().manual_seed(0)
     real = torch.rand(6, 3, 16, 16, generator=g)
-    text = TextEmbedding(torch.zeros(6, 1, 2), torch.ones(6, 1, dtype=torch.bool), torch.zeros(6, 2))
 
     def scores(reconstructions: torch.Tensor | None) -> dict[str, float]:
         metric = ReconstructionQuality()
-        batch = EvalOutputs(real, real, [""] * 6, text, torch.arange(6), reconstructions)
-        metric.update(EvalBatch(batch))
+        metric.update(eval_batch(real, reconstructions=reconstructions))
         return {name: value.item() for name, value in metric.compute().items()}
 
     assert scores(None) == {}  # generators that do not reconstruct report nothing

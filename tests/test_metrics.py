@@ -14,8 +14,9 @@ from torch.nn import functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from text2img.metrics import EfficientNetLite0Features, EvalBatch, ImageDistribution
-from text2img.types import EvalOutputs, TextEmbedding
+from conftest import eval_batch
+
+from text2img.metrics import EfficientNetLite0Features, ImageDistribution
 
 N = 32  # images per FID set: below the 1280 feature dims on purpose (singular covariances must work)
 
@@ -46,11 +47,6 @@ def real_images() -> Tensor:
     return smooth_images(N, seed=0)
 
 
-def eval_batch(images: Tensor, keys: Tensor) -> EvalBatch:
-    text = TextEmbedding(torch.zeros(len(images), 1, 4), torch.ones(len(images), 1, dtype=torch.bool), torch.zeros(len(images), 4))
-    return EvalBatch(EvalOutputs(images, images, [""] * len(images), text, keys))
-
-
 def figures(
     extractor: nn.Module, real: Tensor, batches: list[tuple[Tensor, Tensor]], **kwargs
 ) -> dict[str, float]:
@@ -58,7 +54,7 @@ def figures(
     metric = ImageDistribution(extractor, **kwargs)
     metric.set_reference(extractor(real))
     for images, keys in batches:
-        metric.update(eval_batch(images, keys))
+        metric.update(eval_batch(images, keys=keys))
     return {name: value.item() for name, value in metric.compute().items()}
 
 
@@ -140,7 +136,7 @@ def test_batching_order_and_process_split_do_not_change_figures(
     halves = [ImageDistribution(extractor, kid_sketch_size=12) for _ in range(2)]
     for half, part in zip(halves, order.chunk(2)):
         half.set_reference(extractor(real_images))
-        half.update(eval_batch(fake[part], keys[part]))
+        half.update(eval_batch(fake[part], keys=keys[part]))
     halves[0].merge_state(halves[1])
     merged = {name: value.item() for name, value in halves[0].compute().items()}
     assert merged == pytest.approx(one_batch, rel=1e-5)
@@ -150,7 +146,7 @@ def test_kid_memory_is_bounded_by_the_sketch(extractor: EfficientNetLite0Feature
     metric = ImageDistribution(extractor, kid_sketch_size=6)
     metric.set_reference(extractor(real_images))
     for part in torch.arange(N).split(8):
-        metric.update(eval_batch(real_images[part], part))
+        metric.update(eval_batch(real_images[part], keys=part))
     # Every state is fixed-size: the sketch holds 6 samples however many were seen.
     assert metric.sketch[0].shape == (6, 1280) and int(metric.count) == N
     assert metric.reference["sketch"].shape == (6, 1280)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train
+from conftest import compose_train, eval_batch
 from hydra.utils import instantiate
 from torch import Tensor
 
@@ -349,16 +349,13 @@ def test_hydra_config_builds_the_source(tmp_path: Path) -> None:
 
 def metric_figures(shapes: ShapesSource, images: Tensor, captions: list[str], parts: int = 1) -> dict[str, float]:
     """AttributeAccuracy over (images, captions) of the test split, fed in `parts` metric copies merged as DDP does."""
-    from text2img.metrics import AttributeAccuracy, EvalBatch
-    from text2img.types import EvalOutputs, TextEmbedding
+    from text2img.metrics import AttributeAccuracy
 
     metrics = [AttributeAccuracy() for _ in range(parts)]
     context = SimpleNamespace(source=shapes, split="test")
     for metric, part in zip(metrics, torch.arange(len(images)).chunk(parts)):
         metric.prepare(context)
-        text = TextEmbedding(torch.zeros(len(part), 1, 2), torch.ones(len(part), 1, dtype=torch.bool), torch.zeros(len(part), 2))
-        outputs = EvalOutputs(images[part], images[part], [captions[i] for i in part], text, part)
-        metric.update(EvalBatch(outputs))
+        metric.update(eval_batch(images[part], [captions[i] for i in part], keys=part))
     for other in metrics[1:]:
         metrics[0].merge_state(other)
     return {name: value.item() for name, value in metrics[0].compute().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,18 +13,21 @@ from filelock import FileLock
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; renamed onto `path` when the block succeeds, removed if
-    it fails (the rename is atomic on one file system, so concurrent readers see the old file or the new)."""
+    """A temporary path beside `path` to write a file or a folder to; renamed onto `path` when the block
+    succeeds, removed if it fails (the rename is atomic on one file system: readers see all or nothing)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def build_once(path: Path, build: Callable[[Path], None]) -> None:
-    """Create the cache file `path` by `build(tmp)` unless it exists.
+    """Create the cache file or folder `path` by `build(tmp)` unless it exists.
 
     Processes that start together (DDP ranks, sweep jobs) take `<path>.lock`: one builds, the others
     wait and then find the file. `build` writes to a temporary path that is renamed onto `path`.

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
+from text2img.metrics.frozen import ImageFeatureExtractor
 from text2img.metrics.lit import LiTConfig, LiTEvaluator, clip_score, load_or_train_lit, r_precision_hits, real_alignment
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class LiTAlignment(EvalMetric):
     config, seed) is seen, and cached under `<cache_dir>/lit/`.
     """
 
-    def __init__(self, extractor: nn.Module, k: int = 32, config: LiTConfig | None = None, seed: int = 0) -> None:
+    def __init__(self, extractor: ImageFeatureExtractor, k: int = 32, config: LiTConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         if k < 2:
             raise ValueError(f"alignment k={k} must be at least 2 (the own prompt and one distractor); 32 is usual")

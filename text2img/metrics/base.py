@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
 from text2img.data.base import ImageCaptionSource
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache
 from text2img.metrics.features import RealFeatureCache, extractor_identity
+from text2img.metrics.frozen import ImageFeatureExtractor
 from text2img.types import EvalOutputs, TextEmbedding
 
 
@@ -50,7 +51,7 @@ class EvalBatch:
     outputs: EvalOutputs
     _features: dict[str, Tensor] = field(default_factory=dict)
 
-    def features(self, extractor: nn.Module) -> Tensor:
+    def features(self, extractor: ImageFeatureExtractor) -> Tensor:
         key = extractor_identity(extractor)
         if key not in self._features:
             self._features[key] = extractor(self.outputs.images)

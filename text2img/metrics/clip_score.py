@@ -13,17 +13,18 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from text2img.errors import ConfigError
 from text2img.metrics.base import EvalBatch, EvalMetric
+from text2img.metrics.frozen import FrozenNetwork, check_images
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, CLIPProcessor
 
 
-class CLIPEmbeddings(nn.Module):
+class CLIPEmbeddings(FrozenNetwork):
     """A frozen CLIPModel whose `get_image_features` / `get_text_features` return the embedding tensors."""
 
     def __init__(self, clip: CLIPModel) -> None:
@@ -32,10 +33,6 @@ class CLIPEmbeddings(nn.Module):
         # torchmetrics reads `config.text_config.max_position_embeddings` to truncate long captions.
         self.config = clip.config
         self.eval()
-
-    def train(self, mode: bool = True) -> CLIPEmbeddings:
-        # A statistic, not a model: Lightning's .train() on the owning module must not enable dropout.
-        return super().train(False)
 
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
         # bf16/fp16 autocast would put ~0.5% noise on every cosine; embed in the weights' dtype.
@@ -81,8 +78,7 @@ class LocalCLIPScore(CLIPScore):
 
     def update(self, images: Tensor, captions: list[str]) -> None:
         """Add a batch: images [B,3,H,W] float in [0,1], one caption per image."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B,3,H,W], got shape {tuple(images.shape)}")
+        check_images(images)
         # CLIP processors rescale by 1/255 themselves and reject non-integer values above 1: give them 8 bits.
         pixels = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
         super().update(pixels, captions)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
+from text2img.metrics.frozen import ImageFeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ImageDistribution(EvalMetric):
     """
 
     def __init__(
-        self, extractor: nn.Module, kid_sketch_size: int = 2000, kid_degree: int = 3, inception_score: bool = True
+        self, extractor: ImageFeatureExtractor, kid_sketch_size: int = 2000, kid_degree: int = 3, inception_score: bool = True
     ) -> None:
         super().__init__()
         if kid_sketch_size < 2:

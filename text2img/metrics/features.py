@@ -11,33 +11,20 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from text2img.data.base import ImageCaptionSource
 from text2img.files import build_once
+from text2img.metrics.frozen import ImageFeatureExtractor
 
 log = logging.getLogger(__name__)
 
 
-class FeatureExtractor(Protocol):
-    """What FID-style metrics need from an image network (see `EfficientNetLite0Features`)."""
-
-    num_features: int
-    feature_name: str
-
-    def __call__(self, images: Tensor) -> Tensor:
-        """Float images [B,3,H,W] in [0,1] -> features [B, num_features] float32."""
-
-    def logits(self, features: Tensor) -> Tensor:
-        """Features -> class logits (for the Inception Score)."""
-
-
-def extractor_identity(extractor: nn.Module) -> str:
+def extractor_identity(extractor: ImageFeatureExtractor) -> str:
     return f"{extractor.feature_name}-{getattr(extractor, 'input_size', '')}"
 
 
@@ -45,7 +32,7 @@ def _images_only(items: list[tuple[Tensor, str]]) -> Tensor:
     return torch.stack([image for image, _ in items])
 
 
-def extract(dataset: Dataset, extractor: nn.Module, batch_size: int = 64, device: torch.device | str = "cpu") -> Tensor:
+def extract(dataset: Dataset, extractor: ImageFeatureExtractor, batch_size: int = 64, device: torch.device | str = "cpu") -> Tensor:
     """Features [N, F] of every image of an image-caption dataset (images in [-1, 1]), in order."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_images_only)
     return torch.cat([extractor(((images + 1) / 2).to(device)).cpu() for images in loader])
@@ -62,12 +49,12 @@ class RealFeatureCache:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser()
 
-    def path(self, source: ImageCaptionSource, split: str, extractor: nn.Module) -> Path:
+    def path(self, source: ImageCaptionSource, split: str, extractor: ImageFeatureExtractor) -> Path:
         name = f"{source.identity}|{split}|{extractor_identity(extractor)}"
         return self.root / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.safetensors"
 
     def features(
-        self, source: ImageCaptionSource, split: str, extractor: nn.Module, device: torch.device | str = "cpu"
+        self, source: ImageCaptionSource, split: str, extractor: ImageFeatureExtractor, device: torch.device | str = "cpu"
     ) -> Tensor:
         """[N, F] features of `split`, in the split's order; computed on first use."""
         path = self.path(source, split, extractor)
@@ -75,7 +62,7 @@ class RealFeatureCache:
         return load_file(path)["features"]
 
     def _compute(
-        self, source: ImageCaptionSource, split: str, extractor: nn.Module, path: Path, device: torch.device | str
+        self, source: ImageCaptionSource, split: str, extractor: ImageFeatureExtractor, path: Path, device: torch.device | str
     ) -> None:
         start = time.perf_counter()
         features = extract(source.split(split, augmented=False), extractor, device=device)

@@ -11,9 +11,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from text2img.errors import ConfigError
+from text2img.metrics.frozen import ImageFeatureExtractor, check_images
 
 _MISSING_DEPENDENCY = (
     "extractor=inception needs torch-fidelity with a working torchvision (pip install torch-fidelity) and "
@@ -46,7 +47,7 @@ def _weights_file(weights_path: str | None, url: str) -> Path:
     return path
 
 
-class InceptionFeatures(nn.Module):
+class InceptionFeatures(ImageFeatureExtractor):
     """Frozen FID InceptionV3: images [B,3,H,W] -> 2048-d pool features, as in torchmetrics' default FID.
 
     Accepts uint8 images in [0,255] or float images in [0,1] (decided by dtype) of any size.
@@ -72,14 +73,9 @@ class InceptionFeatures(nn.Module):
         )  # frozen by torch-fidelity (requires_grad off), kept in eval by torchmetrics
         self.eval()
 
-    def train(self, mode: bool = True) -> InceptionFeatures:
-        # A statistic, not a model: Lightning's .train() on the owning module must not reach BatchNorm.
-        return super().train(False)
-
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B,3,H,W], got shape {tuple(images.shape)}")
+        check_images(images)
         # The network takes 8-bit images only. Rounding (torchmetrics truncates) maps uint8 data that went
         # through /255 back to the same levels, so float and uint8 inputs agree.
         if images.is_floating_point():

@@ -36,8 +36,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -45,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -53,7 +50,9 @@ from torch.nn import functional as F
 from text2img.data.base import ImageCaptionSource
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache, cache_key
+from text2img.files import build_once
 from text2img.metrics.features import RealFeatureCache, extractor_identity
+from text2img.metrics.frozen import FrozenNetwork, ImageFeatureExtractor
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def whitening(features: Tensor, dim: int) -> Tensor:
     return (directions / (variance + variance.mean()).sqrt()).float()
 
 
-class LiTEvaluator(nn.Module):
+class LiTEvaluator(FrozenNetwork):
     """Locked image features and a trained text tower mapping into the same unit sphere.
 
     A metric, not a model being trained: it stays in eval mode when a parent module calls `.train()`.
@@ -155,10 +154,6 @@ class LiTEvaluator(nn.Module):
         self.text_tower = TextTower(text_dim, self.embed_dim, config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
         self.eval()
-
-    def train(self, mode: bool = True) -> LiTEvaluator:
-        # Lightning calls .train() on the module owning the metric; dropout must stay off when scoring.
-        return super().train(False)
 
     def fit_image_side(self, features: Tensor) -> None:
         """Set the locked image side's mean (and whitening) from the training images' features."""
@@ -293,7 +288,7 @@ def train_lit(
 
 
 def lit_identity(
-    source: ImageCaptionSource, encoder: TextEncoder, extractor: nn.Module, config: LiTConfig, seed: int
+    source: ImageCaptionSource, encoder: TextEncoder, extractor: ImageFeatureExtractor, config: LiTConfig, seed: int
 ) -> dict[str, Any]:
     """Everything a trained evaluator depends on; its hash names the cache folder."""
     return {
@@ -311,7 +306,7 @@ def load_or_train_lit(
     encoder: TextEncoder,
     embedding_cache: EmbeddingCache,
     feature_cache: RealFeatureCache,
-    extractor: nn.Module,
+    extractor: ImageFeatureExtractor,
     cache_dir: str | os.PathLike[str],
     config: LiTConfig = LiTConfig(),
     seed: int = 0,
@@ -325,35 +320,24 @@ def load_or_train_lit(
     identity = lit_identity(source, encoder, extractor, config, seed)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(cache_dir).expanduser() / digest
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{target}.lock"):
-            if not target.is_dir():  # another process may have trained it while this one waited
-                start = time.perf_counter()
-                features = feature_cache.features(source, "train", extractor)
-                feature_seconds = time.perf_counter() - start
-                text = embedding_cache.lookup(encoder, source.split("train", augmented=False).captions)
-                evaluator, info = train_lit(features, text, config, seed)
-                record = {"identity": identity, "feature_seconds": feature_seconds, **info}
-                _write_atomically(evaluator, record, target)
-                log.info(
-                    "LiT evaluator: trained on %d pairs in %.1f s (+%.1f s features), final loss %.3f -> %s",
-                    len(text), info["seconds"], feature_seconds, info["final_loss"], target,
-                )
+
+    def train_to(folder: Path) -> None:
+        start = time.perf_counter()
+        features = feature_cache.features(source, "train", extractor)
+        feature_seconds = time.perf_counter() - start
+        text = embedding_cache.lookup(encoder, source.split("train", augmented=False).captions)
+        evaluator, info = train_lit(features, text, config, seed)
+        evaluator.save(folder)
+        # The training record, for people browsing the cache.
+        record = {"identity": identity, "feature_seconds": feature_seconds, **info}
+        (folder / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        log.info(
+            "LiT evaluator: trained on %d pairs in %.1f s (+%.1f s features), final loss %.3f -> %s",
+            len(text), info["seconds"], feature_seconds, info["final_loss"], target,
+        )
+
+    build_once(target, train_to)
     return LiTEvaluator.load(target)
-
-
-def _write_atomically(evaluator: LiTEvaluator, record: dict[str, Any], target: Path) -> None:
-    """The evaluator and its training record (`info.json`, for people browsing the cache) at `target`,
-    written to a temporary folder and renamed so that readers never see it half-written."""
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        evaluator.save(scratch)
-        (scratch / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(scratch, target)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
 
 
 def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
