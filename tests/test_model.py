@@ -50,10 +50,12 @@ def text(batch: int = 4, length: int = 6, real: int = 4) -> TextEmbedding:
 def test_token_projection_shapes_and_padding():
     head = TokenProjection(TEXT_DIM, COND_DIM, hidden_dim=16)
     cond = head(text())
-    assert cond.tokens.shape == (4, 6, COND_DIM) and cond.vector is None
+    assert cond.tokens.shape == (4, 6, COND_DIM) and cond.vector.shape == (4, COND_DIM)
     assert torch.equal(cond.mask, text().mask)
     assert cond.tokens[:, 4:].abs().max() == 0  # padding stays zero
     assert cond.tokens[:, :4].abs().min() > 0
+    # the vector is the mean over real tokens only
+    torch.testing.assert_close(cond.vector, cond.tokens[:, :4].mean(1))
 
 
 def test_token_projection_rejects_unknown_norm():

@@ -83,6 +83,8 @@ class Batch:
     captions: list[str]
     text: TextEmbedding | None = None
     keys: Tensor | None = None  # [B] int64 position in an evaluation set (see EvalOutputs.keys)
+    # [B, 2C, h, w] cached posterior (mean, log-variance) of a frozen first stage, for latent backends
+    latents: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

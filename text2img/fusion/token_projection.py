@@ -22,10 +22,12 @@ def feature_norm(kind: str, dim: int) -> nn.Module:
 class TokenProjection(FusionHead):
     """norm -> linear (or a 2-layer MLP when `hidden_dim` is set), applied to every token.
 
-    Padding positions stay zero and keep their mask, so the generator ignores them.
+    Padding positions stay zero and keep their mask, so the generator ignores them. The vector, for
+    backends conditioned by one (FiLM in a GAN or VAE), is the mean of the projected real tokens: it
+    adds no parameters that a token-only backend would leave unused.
     """
 
-    produces = frozenset({"tokens"})
+    produces = frozenset({"tokens", "vector"})
 
     def __init__(
         self, in_dim: int, out_dim: int, hidden_dim: int | None = None, norm: str = "layer", dropout: float = 0.0
@@ -40,5 +42,7 @@ class TokenProjection(FusionHead):
             )
 
     def forward(self, text: TextEmbedding, timestep: Tensor | None = None) -> Conditioning:
-        tokens = self.proj(self.norm(text.tokens)) * text.mask.unsqueeze(-1)
-        return Conditioning(tokens=tokens, mask=text.mask)
+        mask = text.mask.unsqueeze(-1)
+        tokens = self.proj(self.norm(text.tokens)) * mask
+        vector = tokens.sum(1) / mask.sum(1).clamp(min=1)
+        return Conditioning(tokens=tokens, mask=text.mask, vector=vector)

@@ -31,8 +31,18 @@ class Generator(nn.Module, ABC):
         self.cond_dim = cond_dim
 
     @abstractmethod
-    def training_loss(self, images: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
-        """Scalar loss for images in [-1, 1] and their (possibly caption-dropped) text."""
+    def training_loss(
+        self, images: Tensor, text: TextEmbedding, fusion: FusionHead, latents: Tensor | None = None
+    ) -> Tensor:
+        """Scalar loss for images in [-1, 1] and their (possibly caption-dropped) text.
+
+        `latents` is the batch's cached first-stage encoding, for backends that have a frozen first stage
+        (see `Batch.latents`); others ignore it.
+        """
+
+    def calibrate(self, images: Tensor) -> None:
+        """Fit data-dependent constants before training starts (e.g. a latent scaling factor), from a fixed
+        sample of training images in [-1, 1]; the values must live in buffers so checkpoints keep them."""
 
     @abstractmethod
     def sample(
@@ -49,7 +59,6 @@ class Generator(nn.Module, ABC):
         `generators` holds one CPU generator per sample: all randomness of sample i comes from
         `generators[i]`, so an image does not depend on the batch it is generated in.
         """
-
 
     def reconstruct(self, images: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
         """Images in [-1, 1] passed through the model and back (only where `reconstructs` is True)."""

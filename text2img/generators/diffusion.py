@@ -42,15 +42,22 @@ class DiffusionGenerator(Generator):
         guidance_scale: float = 3.0,
         loss_weighting: str = "none",
         snr_gamma: float = 5.0,
+        model_channels: int = 3,
+        model_size: int | None = None,
     ) -> None:
+        """`model_channels` and `model_size` describe the space diffusion runs in: the image's by default,
+        a first stage's latents for subclasses (which also override `to_model_space`/`from_model_space`)."""
         super().__init__(image_size, cond_dim)
-        if image_size % patch_size:
-            raise ConfigError(f"generator.patch_size={patch_size} does not divide image_size={image_size}")
+        model_size = image_size if model_size is None else model_size
+        if model_size % patch_size:
+            raise ConfigError(f"generator.patch_size={patch_size} does not divide the {model_size}-px diffusion space")
         if loss_weighting not in ("none", "min_snr"):
             raise ConfigError(f"generator.loss_weighting={loss_weighting!r} is unknown; use none or min_snr")
-        channels = 3 * patch_size**2
+        self.model_channels = model_channels
+        self.model_size = model_size
+        channels = model_channels * patch_size**2
         self.unet = unet(
-            sample_size=image_size // patch_size,
+            sample_size=model_size // patch_size,
             in_channels=channels,
             out_channels=channels,
             cross_attention_dim=cond_dim,
@@ -70,6 +77,14 @@ class DiffusionGenerator(Generator):
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    def to_model_space(self, images: Tensor, latents: Tensor | None = None) -> Tensor:
+        """Images in [-1, 1] -> what diffusion runs on (`latents`: a batch's cached first-stage output)."""
+        return images
+
+    def from_model_space(self, x: Tensor) -> Tensor:
+        """The inverse of `to_model_space`: images in [-1, 1]."""
+        return x
+
     def _denoise(self, x: Tensor, t: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
         cond = fusion(text, t if fusion.timestep_aware else None)
         out = self.unet(
@@ -80,20 +95,23 @@ class DiffusionGenerator(Generator):
         ).sample
         return F.pixel_shuffle(out, self.patch_size)
 
-    def training_loss(self, images: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
-        noise = torch.randn_like(images)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
-        noisy = self.noise_scheduler.add_noise(images, noise, t)
+    def training_loss(
+        self, images: Tensor, text: TextEmbedding, fusion: FusionHead, latents: Tensor | None = None
+    ) -> Tensor:
+        x0 = self.to_model_space(images, latents)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(images, noise, t)
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
         else:
             raise ConfigError(f"prediction_type={self.prediction_type!r} is unsupported; use epsilon or v_prediction")
         pred = self._denoise(noisy, t, text, fusion)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
         if self.loss_weighting == "min_snr":
-            snr = self.snr.to(images.device)[t]
+            snr = self.snr.to(x0.device)[t]
             clamped = torch.clamp(snr, max=self.snr_gamma)
             loss = loss * (clamped / (snr + 1) if self.prediction_type == "v_prediction" else clamped / snr)
         return loss.mean()
@@ -126,7 +144,7 @@ class DiffusionGenerator(Generator):
         both = TextEmbedding.cat([text, null_text]) if guided else text
         # Noise is drawn per sample from CPU generators: a seed gives the same image on every device,
         # in any batch.
-        shape = (3, self.image_size, self.image_size)
+        shape = (self.model_channels, self.model_size, self.model_size)
         x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
@@ -136,4 +154,4 @@ class DiffusionGenerator(Generator):
                 cond, uncond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
             x = scheduler.step(pred, t, x, generator=generators).prev_sample
-        return x.clamp(-1, 1)
+        return self.from_model_space(x).clamp(-1, 1)

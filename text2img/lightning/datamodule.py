@@ -124,6 +124,11 @@ class Text2ImgDataModule(L.LightningDataModule):
         """The split a "val" or "test" stage evaluates."""
         return self.test_split if stage == "test" else "val"
 
+    def calibration_images(self, count: int = 512) -> torch.Tensor:
+        """The first `count` training images in [-1, 1] (un-augmented, fixed): the same on every process."""
+        images = self.source.split("train", augmented=False)
+        return torch.stack([images[i][0] for i in range(min(count, len(images)))])
+
     def prompts(self, split: str) -> tuple[list[str], TextEmbedding]:
         """The distinct captions of a split, sorted, with their cached embeddings."""
         assert self.table is not None, "call setup() first"

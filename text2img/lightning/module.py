@@ -81,9 +81,14 @@ class Text2ImgModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         text = self.drop_captions(self.text_of(batch))
-        loss = self.generator.training_loss(batch.images, text, self.fusion)
+        loss = self.generator.training_loss(batch.images, text, self.fusion, latents=batch.latents)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "calibration_images"):
+            self.generator.calibrate(datamodule.calibration_images().to(self.device))
 
     @torch.no_grad()
     def generate(
