@@ -50,7 +50,11 @@ class DiffusionGenerator(Generator):
         super().__init__(image_size, cond_dim)
         model_size = image_size if model_size is None else model_size
         if model_size % patch_size:
-            raise ConfigError(f"generator.patch_size={patch_size} does not divide the {model_size}-px diffusion space")
+            divisors = ", ".join(str(d) for d in range(1, model_size + 1) if model_size % d == 0)
+            raise ConfigError(
+                f"generator.patch_size={patch_size} does not divide the diffusion space's size {model_size}; "
+                f"use one of {divisors}"
+            )
         if loss_weighting not in ("none", "min_snr"):
             raise ConfigError(f"generator.loss_weighting={loss_weighting!r} is unknown; use none or min_snr")
         self.model_channels = model_channels
