@@ -10,10 +10,12 @@ from conftest import CONF_DIR, compose_train
 from text2img.encoders.base import TextEncoder
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
+from text2img.lightning import Text2ImgModule
 from text2img.metrics import EvalMetric
+from text2img.train import build_model
 
 GROUPS = [
-    "encoder", "fusion", "generator", "data", "trainer", "logger", "extractor", "metrics", "callbacks", "debug",
+    "encoder", "fusion", "generator", "model", "data", "trainer", "logger", "extractor", "metrics", "callbacks", "debug",
     "experiment",
 ]
 # Options that need a value only the user can give.
@@ -62,6 +64,9 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder):
         assert isinstance(instantiate(cfg.fusion), FusionHead)
     elif group == "generator":
         assert isinstance(instantiate(cfg.generator), Generator)
+    elif group == "model":
+        datamodule, model = build_model(cfg)
+        assert isinstance(model, Text2ImgModule) and model.generator.image_size == cfg.data.source.image_size
     elif group == "extractor":
         extractor = instantiate(cfg.extractor)
         assert extractor(torch.rand(1, 3, 32, 32)).shape == (1, extractor.num_features)
@@ -79,6 +84,15 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder):
         assert trainer.max_steps == cfg.trainer.max_steps
     elif group == "debug":
         assert cfg.trainer.get("fast_dev_run") or cfg.trainer.max_steps < 100
+
+
+@pytest.mark.parametrize("generator", options("generator"))
+def test_every_generator_has_a_small_smoke_variant(generator, tmp_path):
+    """debug=smoke shrinks whichever generator is chosen (conf/generator_debug/<generator>_smoke.yaml)."""
+    full = sum(p.numel() for p in instantiate(compose_train(tmp_path, [f"generator={generator}"]).generator).parameters())
+    cfg = compose_train(tmp_path, [f"generator={generator}", "debug=smoke"])
+    smoke = sum(p.numel() for p in instantiate(cfg.generator).parameters())
+    assert smoke < full / 4, f"generator={generator} debug=smoke has {smoke} parameters (full size {full})"
 
 
 def test_default_config_wires_dimensions(tmp_path):
