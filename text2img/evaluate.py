@@ -15,32 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from text2img.callbacks.evaluation import Evaluation
 from text2img.cli import run_checked
-from text2img.errors import ConfigError
-from text2img.train import build_model, user_error
+from text2img.checkpoint import load_model
+from text2img.train import user_error
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """A text2img checkpoint, loaded without unpickling code; one-line errors for anything else."""
-    file = Path(path).expanduser()
-    usage = "pass a .ckpt written by text2img.train, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt"
-    if not file.is_file():
-        raise ConfigError(f"ckpt='{path}' does not exist; {usage}")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint ({type(exc).__name__}); {usage}") from exc
-    if not isinstance(checkpoint, dict) or "text2img_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint (it holds no text2img run config); {usage}")
-    return checkpoint
 
 
 def report_path(cfg: DictConfig, n_samples: int) -> Path:
@@ -67,19 +51,13 @@ def format_table(figures: dict[str, float]) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Generate, score and report; returns the report written as JSON."""
     try:
-        checkpoint = load_checkpoint(cfg.ckpt)
-        run_cfg = OmegaConf.create(checkpoint["text2img_config"])
-        with open_dict(run_cfg):
-            run_cfg.data.eval_samples = cfg.n_samples
-            run_cfg.data.test_split = cfg.split
-            run_cfg.data.eval_batch_size = cfg.batch_size
-        datamodule, model = build_model(run_cfg)
+        data = {"eval_samples": cfg.n_samples, "test_split": cfg.split, "eval_batch_size": cfg.batch_size}
+        checkpoint, datamodule, model = load_model(cfg.ckpt, data)
         metrics = instantiate(cfg.metrics)
     except Exception as exc:
         if (error := user_error(exc)) is not None:
             raise error from exc
         raise
-    model.load_state_dict(checkpoint["state_dict"])
     model.eval_seed = cfg.seed
     model.eval_sampling = {
         name: cfg[name] for name in ("guidance_scale", "steps") if cfg[name] is not None

@@ -1,0 +1,46 @@
+"""Rebuilding a trained model from its checkpoint alone: evaluation, sampling and export start here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from text2img.errors import ConfigError
+from text2img.lightning import Text2ImgDataModule, Text2ImgModule
+from text2img.train import build_model
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A text2img checkpoint, loaded without unpickling code; one-line errors for anything else."""
+    file = Path(path).expanduser()
+    usage = "pass a .ckpt written by text2img.train, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt"
+    if not file.is_file():
+        raise ConfigError(f"ckpt='{path}' does not exist; {usage}")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint ({type(exc).__name__}); {usage}") from exc
+    if not isinstance(checkpoint, dict) or "text2img_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint (it holds no text2img run config); {usage}")
+    return checkpoint
+
+
+def load_model(
+    path: str, data: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], Text2ImgDataModule, Text2ImgModule]:
+    """The checkpoint, and its run's data module and model with the saved (EMA) weights loaded.
+
+    The model is rebuilt from the run config stored in the checkpoint; `data` overrides entries of its
+    `data` config (e.g. which split to evaluate).
+    """
+    checkpoint = load_checkpoint(path)
+    run_cfg = OmegaConf.create(checkpoint["text2img_config"])
+    with open_dict(run_cfg):
+        for key, value in (data or {}).items():
+            run_cfg.data[key] = value
+    datamodule, model = build_model(run_cfg)
+    model.load_state_dict(checkpoint["state_dict"])
+    return checkpoint, datamodule, model
