@@ -28,6 +28,13 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
+def run_folder(ckpt: str) -> Path:
+    """The run a checkpoint belongs to (`<run>/checkpoints/x.ckpt` -> `<run>`), else the checkpoint's folder:
+    where evaluation reports, samples and exports of it go by default."""
+    path = Path(ckpt).expanduser()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 def load_model(
     path: str, data: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], Text2ImgDataModule, Text2ImgModule]:

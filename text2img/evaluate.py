@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from text2img.callbacks.evaluation import Evaluation
 from text2img.cli import run_checked
-from text2img.checkpoint import load_model
+from text2img.checkpoint import load_model, run_folder
 from text2img.train import user_error
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,8 @@ def report_path(cfg: DictConfig, n_samples: int) -> Path:
     """`<run>/eval/...json` for checkpoints in a run's `checkpoints/` folder, else beside the checkpoint."""
     if cfg.out:
         return Path(cfg.out).expanduser()
-    ckpt = Path(cfg.ckpt).expanduser()
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run / "eval" / f"{cfg.split}-{ckpt.stem}-n{n_samples}-seed{cfg.seed}-{extractor_name(cfg)}.json"
+    stem = Path(cfg.ckpt).stem
+    return run_folder(cfg.ckpt) / "eval" / f"{cfg.split}-{stem}-n{n_samples}-seed{cfg.seed}-{extractor_name(cfg)}.json"
 
 
 def extractor_name(cfg: DictConfig) -> str:

@@ -9,8 +9,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
+from text2img.generators.diffusion import DiffusionGenerator, ImageEdit
 from text2img.types import Batch, EvalOutputs, TextEmbedding
 
 
@@ -97,14 +99,26 @@ class Text2ImgModule(L.LightningModule):
         seeds: Sequence[int],
         guidance_scale: float | None = None,
         steps: int | None = None,
+        edit: ImageEdit | None = None,
     ) -> Tensor:
-        """Images in [0, 1] for the given text; image i depends only on its text and `seeds[i]`."""
+        """Images in [0, 1] for the given text; image i depends only on its text, `seeds[i]` and its edit input.
+
+        `edit` turns sampling into text-guided editing of given images (diffusion backends only).
+        """
         if len(seeds) != len(text):
             raise ValueError(f"got {len(seeds)} seeds for {len(text)} prompts; give one seed per prompt")
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        images = self.generator.sample(
-            text, self.null_text(len(text)), self.fusion, generators, guidance_scale=guidance_scale, steps=steps
-        )
+        null_text = self.null_text(len(text))
+        sampling = {"guidance_scale": guidance_scale, "steps": steps}
+        if edit is None:
+            images = self.generator.sample(text, null_text, self.fusion, generators, **sampling)
+        elif isinstance(self.generator, DiffusionGenerator):
+            images = self.generator.sample(text, null_text, self.fusion, generators, **sampling, edit=edit)
+        else:
+            raise ConfigError(
+                f"{type(self.generator).__name__} cannot edit images (only diffusion backends denoise from a "
+                "noised input); drop init_image, mask and strength, or use a diffusion checkpoint"
+            )
         return (images.float() + 1) / 2
 
     def _eval_step(self, batch: Batch) -> EvalOutputs:

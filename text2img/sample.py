@@ -1,0 +1,229 @@
+"""Sampling entry point: `python -m text2img.sample ckpt=PATH prompts='["red apple","green apple"]' [n=4 seed=0]`.
+
+Rebuilds the checkpoint's model from the run config stored inside it and writes, into `out` (default
+`<run folder>/samples/<date>_<time>-<checkpoint>-<mode>-seed<seed>/`):
+
+- `p<i>-<slug of prompt i>-seed<s>.png`, one per image. Image j of prompt i uses seed `s = seed + i*n + j`
+  and depends on nothing else (not on the batch it was drawn in), so
+  `prompts='["<prompt i>"]' n=1 seed=<s>` regenerates it alone;
+- `grid.png`, the images captioned with their prompt and seed, one row per prompt when n > 1;
+- `samples.json`, the settings and each file's prompt and seed.
+
+Prompts missing from the run's embedding cache are encoded with the checkpoint's encoder (which is loaded
+only then) and added to the cache. Diffusion backends also edit: `init_image=PATH` alone is image-to-image
+(SDEdit, `strength`), with `mask=PATH` inpainting (white = regenerate, black = keep). The image is
+centre-cropped to a square and resized to the model's resolution; the mask must have the image's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from text2img.checkpoint import load_model, run_folder
+from text2img.cli import run_checked
+from text2img.data.base import uint8_to_tensor
+from text2img.data.imagefolder import load_rgb_square
+from text2img.errors import ConfigError
+from text2img.generators.diffusion import ImageEdit
+from text2img.grid import captioned_grid
+from text2img.lightning import Text2ImgModule
+from text2img.train import user_error
+from text2img.types import TextEmbedding
+
+log = logging.getLogger(__name__)
+
+REQUIRED = {"ckpt": "outputs/train/runs/<run>/checkpoints/last.ckpt", "prompts": """'["red apple"]'"""}
+# As diffusers' pipelines: image-to-image keeps some of the input's layout, inpainting redraws the region.
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
+
+
+@dataclass
+class Sampled:
+    """What `sample` wrote: the folder, one PNG per image (prompt-major order) and the grid."""
+
+    folder: Path
+    images: list[Path]
+    grid: Path
+
+
+def image_seed(seed: int, prompt_index: int, n: int, j: int) -> int:
+    """The seed of image j of prompt i."""
+    return seed + prompt_index * n + j
+
+
+def slug(prompt: str, max_length: int = 40) -> str:
+    """A file-name-safe short form of a prompt: "Red apple, shiny!" -> "red-apple-shiny"."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_length].rstrip("-") or "prompt"
+
+
+def image_name(prompt_index: int, prompt: str, seed: int) -> str:
+    return f"p{prompt_index:03d}-{slug(prompt)}-seed{seed}.png"
+
+
+def check_prompts(value: Any) -> list[str]:
+    prompts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, ListConfig)) else None
+    if not prompts:
+        raise ConfigError(f"prompts={value!r} gives no prompt; pass a list, e.g. prompts={REQUIRED['prompts']}")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"prompts[{index}]={prompt!r} is not a prompt; every prompt must be non-empty text")
+    return prompts
+
+
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but torch sees no CUDA GPU; use device=cpu")
+    return device
+
+
+def _open_image(option: str, path: str) -> Image.Image:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{option}='{path}' does not exist; pass an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConfigError(f"{option}='{path}' is not an image PIL can read ({exc}); pass a PNG or JPEG file") from None
+
+
+def load_edit(cfg: DictConfig, image_size: int) -> ImageEdit | None:
+    """The editing input of one image (batch of 1) at the model's resolution, or None without `init_image`."""
+    if cfg.init_image is None:
+        for option in ("mask", "strength"):
+            if cfg[option] is not None:
+                raise ConfigError(f"{option}={cfg[option]} needs init_image=PATH, the image to edit")
+        return None
+    image = _open_image("init_image", cfg.init_image)
+    if image.size != (image_size, image_size):
+        log.info("init_image %dx%d is centre-cropped and resized to the model's %d px", *image.size, image_size)
+    pixels = uint8_to_tensor(load_rgb_square(Path(cfg.init_image).expanduser(), image_size))[None]
+    mask = None
+    if cfg.mask is not None:
+        mask_image = _open_image("mask", cfg.mask)
+        if mask_image.size != image.size:
+            raise ConfigError(
+                f"mask='{cfg.mask}' is {mask_image.size[0]}x{mask_image.size[1]} but init_image='{cfg.init_image}' is "
+                f"{image.size[0]}x{image.size[1]}; give a mask of the image's size (white = regenerate, black = keep)"
+            )
+        # The same crop as the image; nearest-neighbour keeps the mask's edge where it was drawn.
+        grey = ImageOps.fit(mask_image.convert("L"), (image_size, image_size), Image.Resampling.NEAREST)
+        mask = torch.from_numpy(np.asarray(grey) > 127).float()[None, None]
+        if not mask.any():
+            log.warning("mask='%s' is black everywhere: every pixel is kept and the output equals the input", cfg.mask)
+    strength = cfg.strength if cfg.strength is not None else DEFAULT_STRENGTH["img2img" if mask is None else "inpaint"]
+    return ImageEdit(images=pixels, strength=float(strength), mask=mask)
+
+
+def generate_all(
+    model: Text2ImgModule, text: TextEmbedding, seeds: list[int], cfg: DictConfig, edit: ImageEdit | None
+) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] for N (text row, seed) pairs, `batch_size` at a time; every image is edited
+    from the same input when `edit` (a batch of one) is given."""
+    images = []
+    for start in range(0, len(seeds), cfg.batch_size):
+        batch = slice(start, start + cfg.batch_size)
+        count = len(seeds[batch])
+        batch_edit = None
+        if edit is not None:
+            mask = None if edit.mask is None else edit.mask.expand(count, -1, -1, -1)
+            batch_edit = replace(edit, images=edit.images.expand(count, -1, -1, -1), mask=mask)
+        images.append(
+            model.generate(
+                text[batch].to(model.device), seeds[batch], guidance_scale=cfg.guidance, steps=cfg.steps,
+                edit=batch_edit,
+            ).cpu()
+        )
+    return torch.cat(images)
+
+
+def output_folder(cfg: DictConfig, mode: str) -> Path:
+    if cfg.out:
+        return Path(cfg.out).expanduser()
+    stem = Path(cfg.ckpt).stem
+    base = run_folder(cfg.ckpt) / "samples" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{stem}-{mode}-seed{cfg.seed}"
+    folder, copy = base, 1
+    while folder.exists():  # two runs in the same second
+        copy += 1
+        folder = base.with_name(f"{base.name}-{copy}")
+    return folder
+
+
+def sample(cfg: DictConfig) -> Sampled:
+    """Generate `n` images per prompt and write them, the grid and `samples.json`."""
+    try:
+        for option, example in REQUIRED.items():
+            if OmegaConf.is_missing(cfg, option):
+                raise ConfigError(f"{option} is required, e.g. {option}={example}")
+        prompts = check_prompts(cfg.prompts)
+        for option in ("n", "batch_size"):
+            if cfg[option] < 1:
+                raise ConfigError(f"{option}={cfg[option]} must be at least 1")
+        device = check_device(cfg.device)
+        checkpoint, datamodule, model = load_model(cfg.ckpt)
+        edit = load_edit(cfg, model.generator.image_size)
+        model.to(device).eval()
+        # Not trimmed to the longest prompt: an image does not depend on the lengths of its batch neighbours.
+        text = datamodule.cache.lookup(datamodule.encoder, prompts)
+        datamodule.encoder.unload()
+        entries = [
+            (i, prompt, image_seed(cfg.seed, i, cfg.n, j)) for i, prompt in enumerate(prompts) for j in range(cfg.n)
+        ]
+        rows, seeds = torch.tensor([i for i, _, _ in entries]), [s for _, _, s in entries]
+        images = generate_all(model, text[rows], seeds, cfg, edit)
+    except Exception as exc:
+        if (error := user_error(exc)) is not None:
+            raise error from exc
+        raise
+    mode = "txt2img" if edit is None else "img2img" if edit.mask is None else "inpaint"
+    folder = output_folder(cfg, mode)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    paths = []
+    for (i, prompt, s), image in zip(entries, pixels, strict=True):
+        paths.append(folder / image_name(i, prompt, s))
+        Image.fromarray(image).save(paths[-1])
+    grid = folder / "grid.png"
+    captions = [f"{prompt} (seed {s})" for _, prompt, s in entries]
+    captioned_grid(images, captions, ncols=cfg.n if cfg.n > 1 else 8).save(grid)
+    manifest = {
+        "checkpoint": str(Path(cfg.ckpt).expanduser().absolute()),
+        "step": checkpoint.get("global_step"),
+        "guidance": cfg.guidance,  # null: the checkpoint generator's default
+        "steps": cfg.steps,
+        "edit": None if edit is None else {"init_image": cfg.init_image, "mask": cfg.mask, "strength": edit.strength},
+        "images": [{"file": path.name, "prompt": p, "seed": s} for path, (_, p, s) in zip(paths, entries)],
+    }
+    (folder / "samples.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"{len(paths)} images and grid.png -> {folder}")
+    return Sampled(folder, paths, grid)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def hydra_main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+def main() -> None:
+    run_checked(hydra_main)
+
+
+if __name__ == "__main__":
+    main()
