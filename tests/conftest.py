@@ -127,3 +127,27 @@ def eval_batch(
     text = TextEmbedding(torch.zeros(n, 1, 2), torch.ones(n, 1, dtype=torch.bool), torch.zeros(n, 2))
     keys = torch.arange(n) if keys is None else keys
     return EvalBatch(EvalOutputs(images, images, captions or [""] * n, text, keys, reconstructions))
+
+
+def write_tiny_autoencoder(folder: Path, levels: int = 3, latent_channels: int = 4) -> Path:
+    """A random diffusers AutoencoderKL saved with `save_pretrained`: a local first stage for latent diffusion
+    (32-px images -> latent_channels x 8 x 8 with 3 levels)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=(8,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_first_stage(tmp_path_factory) -> Path:
+    """The folder of a tiny random AutoencoderKL (see `write_tiny_autoencoder`)."""
+    return write_tiny_autoencoder(tmp_path_factory.mktemp("first_stage") / "autoencoder")

@@ -19,7 +19,12 @@ GROUPS = [
     "experiment",
 ]
 # Options that need a value only the user can give.
-REQUIRED = {"encoder=hf": ["encoder.model=some/model", "encoder.hidden_size=64"]}
+REQUIRED = {
+    "encoder=hf": ["encoder.model=some/model", "encoder.hidden_size=64"],
+    "model=gan": ["generator=gan"],  # the adversarial module trains only a GAN (generator=gan selects it)
+}
+# Latent diffusion needs a first stage: a tiny local one here (training without one says how to get one).
+NEEDS_FIRST_STAGE = {"generator=ldm"}
 NEEDS_GPU = {"trainer=gpu", "trainer=ddp", "experiment=openmoji_gpu"}
 # Options whose weights or dependencies cannot exist on the test machine: building them must say what is missing.
 UNAVAILABLE = {
@@ -42,10 +47,12 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("override", ALL)
-def test_option_composes_and_instantiates(override, tmp_path, imagefolder):
+def test_option_composes_and_instantiates(override, tmp_path, imagefolder, tiny_first_stage):
     extra = REQUIRED.get(override, [])
     if override.startswith("data=imagefolder"):
         extra = [f"data.source.path={imagefolder}"]
+    if override in NEEDS_FIRST_STAGE:
+        extra = [f"generator.first_stage.source={tiny_first_stage}"]
     cfg = compose_train(tmp_path, [override, *extra])
     group = override.split("=")[0]
     if override in NEEDS_GPU:
@@ -87,10 +94,13 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder):
 
 
 @pytest.mark.parametrize("generator", options("generator"))
-def test_every_generator_has_a_small_smoke_variant(generator, tmp_path):
+def test_every_generator_has_a_small_smoke_variant(generator, tmp_path, tiny_first_stage):
     """debug=smoke shrinks whichever generator is chosen (conf/generator_debug/<generator>_smoke.yaml)."""
-    full = sum(p.numel() for p in instantiate(compose_train(tmp_path, [f"generator={generator}"]).generator).parameters())
-    cfg = compose_train(tmp_path, [f"generator={generator}", "debug=smoke"])
+    option = [f"generator={generator}"]
+    if option[0] in NEEDS_FIRST_STAGE:
+        option.append(f"generator.first_stage.source={tiny_first_stage}")
+    full = sum(p.numel() for p in instantiate(compose_train(tmp_path, option).generator).parameters())
+    cfg = compose_train(tmp_path, [*option, "debug=smoke"])
     smoke = sum(p.numel() for p in instantiate(cfg.generator).parameters())
     assert smoke < full / 4, f"generator={generator} debug=smoke has {smoke} parameters (full size {full})"
 

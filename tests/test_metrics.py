@@ -85,8 +85,12 @@ def test_extractor_stays_frozen_in_eval_mode(extractor: EfficientNetLite0Feature
     parent.train()  # what Lightning does to the module owning the metric
     assert not any(m.training for m in extractor.modules())
     assert not any(p.requires_grad for p in extractor.parameters())
+    # Gradients reach images that ask for them (a loss on these features), never the frozen weights.
     images = smooth_images(2, seed=3).requires_grad_()
-    assert not extractor(images).requires_grad
+    extractor(images).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in extractor.parameters())
+    assert not extractor(smooth_images(2, seed=3)).requires_grad
 
 
 def test_figures_are_named_after_the_extractor(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:

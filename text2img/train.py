@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from text2img.cli import run_checked
 from text2img.errors import ConfigError, root_cause
+from text2img.first_stage_run import ensure_first_stage
+from text2img.generators import LatentDiffusionGenerator
 from text2img.generators.base import check_compatible
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
 
@@ -50,6 +52,8 @@ def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     fusion = instantiate(cfg.fusion)
     generator = instantiate(cfg.generator)
     check_compatible(fusion, generator, _choice(cfg, "fusion"), _choice(cfg, "generator"))
+    if isinstance(generator, LatentDiffusionGenerator) and generator.cache_latents:
+        datamodule.cache_latents(generator.first_stage, f"{cfg.paths.cache_dir}/latents")
     model = instantiate(cfg.model, fusion=fusion, generator=generator)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     return datamodule, model
@@ -63,9 +67,13 @@ def user_error(exc: BaseException) -> SystemExit | None:
 
 def build(cfg: DictConfig) -> Run:
     """Build data, model and trainer; every user mistake surfaces here, before any training."""
+    ensure_first_stage(cfg)  # latent diffusion without a first stage: train one first (a nested run)
     datamodule, model = build_model(cfg)
+    # Lightning refuses a clip value with manual optimisation (model=gan); such a module clips with it itself.
+    manual = {} if model.automatic_optimization else {"gradient_clip_val": None}
     trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger"))
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")),
+        **manual,
     )
     return Run(datamodule, model, trainer)
 

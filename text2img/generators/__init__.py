@@ -1,4 +1,7 @@
 from text2img.generators.base import Generator, check_compatible
 from text2img.generators.diffusion import DiffusionGenerator
+from text2img.generators.gan import GANGenerator
+from text2img.generators.latent_diffusion import LatentDiffusionGenerator
+from text2img.generators.vae import VAEGenerator
 
-__all__ = ["DiffusionGenerator", "Generator", "check_compatible"]
+__all__ = ["VAEGenerator", "DiffusionGenerator", "GANGenerator", "LatentDiffusionGenerator", "Generator", "check_compatible"]

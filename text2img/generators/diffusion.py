@@ -137,6 +137,10 @@ class DiffusionGenerator(Generator):
             loss = loss * (clamped / (snr + 1) if self.prediction_type == "v_prediction" else clamped / snr)
         return loss.mean()
 
+    def make_sampler(self) -> SchedulerMixin:
+        """A fresh sampler (they keep state between steps) on the training noise schedule."""
+        return self.sampler.from_config(self.noise_scheduler.config, **self.sampler_kwargs)
+
     def _check_sampling(self, guidance_scale: float, steps: int) -> None:
         if guidance_scale < 1.0:
             raise ConfigError(f"guidance_scale={guidance_scale} is below 1; use 1 (no guidance) or more")
@@ -183,7 +187,7 @@ class DiffusionGenerator(Generator):
         if edit is not None:
             self._check_edit(edit, len(text))
         device = text.tokens.device
-        scheduler = self.sampler.from_config(self.noise_scheduler.config, **self.sampler_kwargs)
+        scheduler = self.make_sampler()
         scheduler.set_timesteps(steps, device=device)
         guided = guidance_scale != 1.0
         both = TextEmbedding.cat([text, null_text]) if guided else text

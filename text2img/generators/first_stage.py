@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from text2img.cli import CONF_DIR
+from text2img.errors import ConfigError
 from text2img.metrics.frozen import FrozenNetwork
 
 
@@ -51,3 +56,89 @@ class FirstStage(FrozenNetwork):
 
     def identity(self) -> dict[str, Any]:
         return {"class": "AutoencoderKL", "source": self.source, "config": dict(self.autoencoder.config)}
+
+
+def load_first_stage(source: str, subfolder: str | None = None) -> FirstStage:
+    """A frozen first stage from a text2img checkpoint (`*.ckpt` of an unconditional `generator=vae` run),
+    a diffusers `AutoencoderKL` folder, or a hub name (`subfolder`: e.g. "vae" in a pipeline's repository)."""
+    if source.endswith(".ckpt"):
+        return FirstStage(_autoencoder_of_checkpoint(source), source)
+    name = source if subfolder is None else f"{source}:{subfolder}"
+    return FirstStage(_pretrained_autoencoder(source, subfolder), name)
+
+
+def _generator_option(target: str) -> str:
+    """The `generator=` option whose config builds `target` (for messages), else the class path itself."""
+    for path in sorted((CONF_DIR / "generator").glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return f"generator={path.stem}"
+    return f"generator._target_={target}"
+
+
+def _autoencoder_of_checkpoint(path: str) -> AutoencoderKL:
+    # Imported here: the checkpoint loader rebuilds whole runs, so it imports the generators package.
+    from hydra.utils import get_class, instantiate
+
+    from text2img.checkpoint import load_checkpoint
+    from text2img.generators.vae import VAEGenerator
+
+    checkpoint = load_checkpoint(path)
+    generator = checkpoint["text2img_config"]["generator"]
+    target = str(generator.get("_target_"))
+    try:
+        is_vae = issubclass(get_class(target), VAEGenerator)
+    except (ImportError, ValueError, TypeError):  # a generator class that no longer exists
+        is_vae = False
+    need = "the first stage must be a generator=vae run with generator.conditional=false"
+    if not is_vae:
+        raise ConfigError(f"ckpt={path} is a {_generator_option(target)} checkpoint; {need}")
+    if generator.get("conditional", True):
+        raise ConfigError(f"ckpt={path} is a conditional generator=vae run (its decoder reads text); {need}")
+    # Only the autoencoder's shapes are needed: skip building the perceptual loss's network.
+    autoencoder = instantiate({**generator, "perceptual": None}).autoencoder
+    prefix = "generator.autoencoder."
+    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    for name, expected in autoencoder.state_dict().items():
+        found = weights.get(name)
+        if found is None or found.shape != expected.shape:
+            shape = "missing" if found is None else f"of shape {list(found.shape)}"
+            raise ConfigError(
+                f"ckpt={path} does not match its own generator config: {prefix}{name} is {shape}, the config "
+                f"builds {list(expected.shape)}; the checkpoint was altered: pass the run's original .ckpt"
+            )
+    autoencoder.load_state_dict(weights)
+    return autoencoder
+
+
+def _pretrained_autoencoder(source: str, subfolder: str | None) -> AutoencoderKL:
+    folder = Path(source).expanduser()
+    usage = "pass a generator=vae run's .ckpt, a folder saved by AutoencoderKL.save_pretrained, or a hub name"
+    if folder.is_dir():
+        model = folder / subfolder if subfolder else folder
+        config = model / "config.json"
+        if not config.is_file():
+            pipeline = (folder / "model_index.json").is_file()
+            hint = " (a pipeline folder: add subfolder=vae)" if pipeline else ""
+            raise ConfigError(
+                f"first stage '{model}' holds no AutoencoderKL: it has no config.json{hint}; {usage}"
+            )
+        kind = json.loads(config.read_text()).get("_class_name")
+        if kind != "AutoencoderKL":
+            raise ConfigError(f"first stage '{model}' holds a {kind}, not an AutoencoderKL; {usage}")
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ConfigError(f"first stage '{source}' does not exist; {usage}")
+    try:
+        # low_cpu_mem_usage=False: the default asks for `accelerate`, and says so on every load
+        return AutoencoderKL.from_pretrained(str(folder) if folder.is_dir() else source, subfolder=subfolder,
+                                             low_cpu_mem_usage=False)
+    except RuntimeError as exc:  # weights that do not fit the config: report the first mismatch
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise ConfigError(
+            f"first stage '{source}' has weights that do not match its config.json "
+            f"({(details or [exc])[0]}); pass an unaltered AutoencoderKL folder"
+        ) from exc
+    except (OSError, ValueError) as exc:  # no hub access, unknown repository, missing weights
+        raise ConfigError(
+            f"first stage '{source}' (subfolder={subfolder}) could not be loaded ({type(exc).__name__}); "
+            f"{usage}"
+        ) from exc

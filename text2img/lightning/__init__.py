@@ -1,4 +1,5 @@
+from text2img.lightning.adversarial import AdversarialModule
 from text2img.lightning.datamodule import Text2ImgDataModule
 from text2img.lightning.module import Text2ImgModule
 
-__all__ = ["Text2ImgDataModule", "Text2ImgModule"]
+__all__ = ["AdversarialModule", "Text2ImgDataModule", "Text2ImgModule"]

@@ -1,4 +1,5 @@
-"""Data module: image/caption splits joined with their cached text embeddings."""
+"""Data module: image/caption splits joined with their cached text embeddings (and, for latent backends,
+their cached first-stage latents)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache
+from text2img.errors import ConfigError
+from text2img.generators.first_stage import FirstStage
+from text2img.generators.latent_cache import LatentCache
 from text2img.types import Batch, TextEmbedding
 
 log = logging.getLogger(__name__)
@@ -20,7 +24,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-Item = tuple[torch.Tensor, str, int, int]  # image, caption, row of the caption's embedding, key
+# image, caption, row of the caption's embedding, key, cached first-stage moments (or None)
+Item = tuple[torch.Tensor, str, int, int, torch.Tensor | None]
 
 
 class EmbeddedSplit(Dataset):
@@ -28,13 +33,22 @@ class EmbeddedSplit(Dataset):
 
     Items are keyed by their position in `order` (default: the split's own order). With `size` larger
     than the split, positions wrap around: prompts repeat and, keyed differently, get new seeds.
+    `latents` holds each image's cached first-stage moments, in the split's order, or is None.
     """
 
-    def __init__(self, images: Dataset, rows: list[int], order: list[int] | None = None, size: int | None = None):
+    def __init__(
+        self,
+        images: Dataset,
+        rows: list[int],
+        order: list[int] | None = None,
+        size: int | None = None,
+        latents: torch.Tensor | None = None,
+    ):
         self.images = images
         self.rows = rows
         self.order = order if order is not None else list(range(len(rows)))
         self.size = len(rows) if size is None else size
+        self.latents = latents
 
     def __len__(self) -> int:
         return self.size
@@ -42,7 +56,8 @@ class EmbeddedSplit(Dataset):
     def __getitem__(self, key: int) -> Item:
         index = self.order[key % len(self.order)]
         image, caption = self.images[index]
-        return image, caption, self.rows[index], key
+        latent = None if self.latents is None else self.latents[index]
+        return image, caption, self.rows[index], key, latent
 
 
 class Text2ImgDataModule(L.LightningDataModule):
@@ -50,7 +65,9 @@ class Text2ImgDataModule(L.LightningDataModule):
 
     `prepare_data` (one process per node) fills the cache for every caption of every split, loading
     the language model only if some caption is missing, and unloads it afterwards; `setup` (every
-    process) then reads the cache, which never loads the model.
+    process) then reads the cache, which never loads the model. After `cache_latents`, the training
+    split's first-stage latents are handled the same way: encoded once in `prepare_data`, read in `setup`
+    and served in `Batch.latents`.
     """
 
     def __init__(
@@ -85,6 +102,17 @@ class Text2ImgDataModule(L.LightningDataModule):
         self.test_set: EmbeddedSplit | None = None
         self.table: TextEmbedding | None = None
         self.row_of: dict[str, int] = {}
+        self.latent_cache: LatentCache | None = None
+
+    def cache_latents(self, first_stage: FirstStage, cache_dir: str) -> None:
+        """Serve the training images' posterior moments under the frozen `first_stage` in `Batch.latents`,
+        encoded once into `cache_dir`, so training never runs its encoder."""
+        if self.source.augment is not None:
+            raise ConfigError(
+                "generator.cache_latents=true cannot be combined with data.source.augment: the cache holds latents "
+                "of the un-augmented images; set data.source.augment=null or generator.cache_latents=false"
+            )
+        self.latent_cache = LatentCache(cache_dir, first_stage)
 
     def _all_captions(self) -> dict[str, list[str]]:
         return {name: list(self.source.split(name).captions) for name in SPLITS}
@@ -93,6 +121,10 @@ class Text2ImgDataModule(L.LightningDataModule):
         captions = self._all_captions()
         self.cache.lookup(self.encoder, sorted({c for split in captions.values() for c in split}))
         self.encoder.unload()
+        if self.latent_cache is not None:
+            # on the device training will use: a large first stage encodes much faster on a GPU
+            device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+            self.latent_cache.prepare(self.source, device)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -103,6 +135,8 @@ class Text2ImgDataModule(L.LightningDataModule):
         self.row_of = {caption: row for row, caption in enumerate(unique)}
         for name, dataset in datasets.items():
             self.splits[name] = EmbeddedSplit(dataset, [self.row_of[c] for c in dataset.captions])
+        if self.latent_cache is not None:
+            self.splits["train"].latents = self.latent_cache.load(self.source)
         # Evaluation sets: the split in a fixed shuffled order (grids show varied prompts, not a run of
         # neighbours such as 30 flags), the same in every run; their size is a number of samples, not of
         # batches, so figures do not depend on the number of processes.
@@ -137,10 +171,16 @@ class Text2ImgDataModule(L.LightningDataModule):
         return captions, self.table[rows]
 
     def collate(self, items: list[Item]) -> Batch:
-        images, captions, rows, keys = zip(*items)
+        images, captions, rows, keys, latents = zip(*items)
         assert self.table is not None
         text = self.table[torch.tensor(rows)].trimmed()
-        return Batch(images=torch.stack(images), captions=list(captions), text=text, keys=torch.tensor(keys))
+        return Batch(
+            images=torch.stack(images),
+            captions=list(captions),
+            text=text,
+            keys=torch.tensor(keys),
+            latents=None if latents[0] is None else torch.stack(latents),
+        )
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = None

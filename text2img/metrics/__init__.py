@@ -5,6 +5,7 @@ from text2img.metrics.attributes import AttributeAccuracy, ShapesAttributeChecke
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.metrics.clip_score import CLIPScoreMetric, LocalCLIPScore
 from text2img.metrics.distribution import ImageDistribution
+from text2img.metrics.diversity import SampleDiversity
 from text2img.metrics.effnet import EfficientNetLite0Features
 from text2img.metrics.features import RealFeatureCache
 from text2img.metrics.inception import InceptionFeatures
@@ -25,6 +26,7 @@ __all__ = [
     "LiTEvaluator",
     "LocalCLIPScore",
     "RealFeatureCache",
+    "SampleDiversity",
     "load_or_train_lit",
     "ReconstructionQuality",
     "ShapesAttributeChecker",

@@ -39,8 +39,9 @@ class EfficientNetLite0Features(ImageFeatureExtractor):
         self.net.to(memory_format=torch.channels_last)
         self.eval()
 
-    @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        # No torch.no_grad: the weights are frozen, so a graph is built only for images that require grad
+        # (the GAN's alignment loss differentiates through these features).
         check_images(images)
         weight = self.net._conv_stem.weight
         x = images.to(device=weight.device, dtype=torch.float32)

@@ -1,0 +1,157 @@
+"""The LightningModule of adversarial backends: two optimisers, alternating discriminator and generator steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch import Tensor
+
+from text2img.errors import ConfigError
+from text2img.fusion.base import FusionHead
+from text2img.generators.base import Generator
+from text2img.generators.gan import GANGenerator
+from text2img.lightning.module import Text2ImgModule
+from text2img.metrics.effnet import EfficientNetLite0Features
+from text2img.metrics.features import RealFeatureCache
+from text2img.metrics.frozen import ImageFeatureExtractor
+from text2img.metrics.lit import LiTConfig, LiTEvaluator, load_or_train_lit
+from text2img.types import Batch, TextEmbedding
+
+
+class LiTAlignmentLoss:
+    """GALIP-style alignment term: 1 - the mean cosine between the LiT evaluator's image tower on generated
+    images and its text tower on their text (differentiable in the images; both towers stay frozen).
+
+    A plain object, not a submodule: a frozen instrument stays out of the model's checkpoints, EMA and optimisers.
+    """
+
+    def __init__(self, evaluator: LiTEvaluator, extractor: ImageFeatureExtractor) -> None:
+        self.evaluator = evaluator
+        self.extractor = extractor
+
+    def __call__(self, images: Tensor, text: TextEmbedding) -> Tensor:
+        image_emb = self.evaluator.embed_images(self.extractor((images + 1) / 2))
+        text_emb = self.evaluator.embed_text(text)
+        return 1 - (image_emb * text_emb).sum(-1).mean()
+
+
+class AdversarialModule(Text2ImgModule):
+    """Trains a GAN backend with Lightning manual optimisation: per batch, one discriminator step, then one
+    generator step on the same generated images (DF-GAN's schedule).
+
+    Two optimisers with their own learning rates: `optimizer` for the generator side (generator network,
+    fusion head, null embedding) and `discriminator_optimizer` for the discriminator. Lightning counts both
+    optimiser steps in `trainer.global_step`, so one batch advances it by 2 (and `trainer.max_steps` counts
+    them too). Lightning clips gradients only in automatic optimisation; this module clips each step's
+    gradients to `gradient_clip_val` (norm) itself. A non-finite loss stops training with the step and both
+    losses. `alignment_weight` > 0 adds the GALIP-style `LiTAlignmentLoss` to the generator's loss.
+    """
+
+    def __init__(
+        self,
+        fusion: FusionHead,
+        generator: Generator,
+        text_dim: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        discriminator_optimizer: Callable[..., torch.optim.Optimizer],
+        caption_dropout: float = 0.0,
+        eval_seed: int = 1234,
+        gradient_clip_val: float | None = None,
+        alignment_weight: float = 0.0,
+        alignment_seed: int = 1,
+        alignment_cache_dir: str = ".cache/eval",
+    ) -> None:
+        if not isinstance(generator, GANGenerator):
+            raise ConfigError(
+                f"model=gan trains adversarial generators but got {type(generator).__name__}; use generator=gan, "
+                "or model=default for this generator"
+            )
+        if alignment_weight < 0:
+            raise ConfigError(f"model.alignment_weight={alignment_weight} is negative; use 0 (off) or more")
+        super().__init__(fusion, generator, text_dim, optimizer, None, caption_dropout, eval_seed)
+        self.automatic_optimization = False
+        self.discriminator_optimizer_factory = discriminator_optimizer
+        self.gradient_clip_val = gradient_clip_val
+        self.alignment_weight = alignment_weight
+        self.alignment_seed = alignment_seed
+        self.alignment_cache_dir = alignment_cache_dir
+        self.alignment: LiTAlignmentLoss | None = None
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """[generator side, discriminator], in the order `training_step` unpacks them."""
+        discriminator = list(self.generator.discriminator.parameters())
+        is_discriminator = {id(p) for p in discriminator}
+        generator_side = [p for p in self.parameters() if p.requires_grad and id(p) not in is_discriminator]
+        return [self.optimizer_factory(generator_side), self.discriminator_optimizer_factory(discriminator)]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.alignment_weight > 0 and self.alignment is None:
+            self.alignment = self._alignment_loss()
+
+    def _alignment_loss(self) -> LiTAlignmentLoss:
+        datamodule = self.trainer.datamodule
+        cache = Path(self.alignment_cache_dir).expanduser()
+        extractor = EfficientNetLite0Features().to(self.device)
+        # Trained with `alignment_seed`, a different seed from the alignment metric's (metrics.alignment.seed,
+        # 0): the generator learns from another text tower than the one that scores it, so training does not
+        # directly game the metric. (Both share the locked EfficientNet image side.)
+        evaluator = load_or_train_lit(
+            datamodule.source, datamodule.encoder, datamodule.cache, RealFeatureCache(cache / "features"),
+            extractor, cache / "lit", LiTConfig(), self.alignment_seed,
+        )
+        return LiTAlignmentLoss(evaluator.to(self.device), extractor)
+
+    def _step(self, optimizer: LightningOptimizer, loss: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def _check_finite(self, batch_idx: int, discriminator: Tensor, generator: Tensor) -> None:
+        d, g = float(discriminator.detach()), float(generator.detach())
+        if not (math.isfinite(d) and math.isfinite(g)):
+            raise FloatingPointError(
+                f"generator=gan: non-finite loss at step {self.trainer.global_step} (batch {batch_idx}): "
+                f"discriminator loss {d:.4g}, generator loss {g:.4g}; lower the learning rates "
+                "(model.optimizer.lr, model.discriminator_optimizer.lr), keep trainer.gradient_clip_val set, "
+                "or train in trainer.precision=32-true"
+            )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        generator_optimizer, discriminator_optimizer = self.optimizers()
+        gan = self.generator
+        text = self.drop_captions(self.text_of(batch))
+        # One generated batch serves both steps: detached for the discriminator, through the updated
+        # discriminator for the generator (DF-GAN), which saves a generator forward per batch.
+        fake = gan.fake(text, self.fusion, gan.training_noise(len(batch), self.device))
+
+        with self.toggled_optimizer(discriminator_optimizer):
+            d = gan.discriminator_loss(batch.images, fake.detach(), text)
+            if not torch.isfinite(d.total):  # report both losses, then stop before the weights are spoilt
+                with torch.no_grad():
+                    self._check_finite(batch_idx, d.total, gan.generator_loss(fake, text))
+            self._step(discriminator_optimizer, d.total)
+
+        with self.toggled_optimizer(generator_optimizer):
+            g_loss = gan.generator_loss(fake, text)
+            if self.alignment is not None:
+                alignment = self.alignment(fake, text)
+                g_loss = g_loss + self.alignment_weight * alignment
+                self.log("train/alignment", alignment, batch_size=len(batch))
+            self._check_finite(batch_idx, d.total, g_loss)
+            self._step(generator_optimizer, g_loss)
+
+        self.log_dict(
+            {"train/d_loss": d.total, "train/g_loss": g_loss}, prog_bar=True, batch_size=len(batch)
+        )
+        self.log_dict(
+            {"train/d_real": d.real, "train/d_fake": d.fake, "train/d_mismatch": d.mismatch,
+             "train/gradient_penalty": d.gradient_penalty},
+            batch_size=len(batch),
+        )
+        return {"d_loss": d.total.detach(), "g_loss": g_loss.detach()}
