@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from text2img.encoders import HFTextEncoder, MiniLMEncoder, SmolLM2Encoder, TextEncoder, TinyEncoder
-from text2img.encoders.hf import load_gguf
+from text2img.pipeline import load_gguf
 from text2img.encoders.smollm2 import GGUF_FILE, package_dir
 from text2img.types import TextEmbedding
 

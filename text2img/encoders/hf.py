@@ -6,47 +6,22 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-from transformers.utils import cached_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from text2img.encoders.base import TextEncoder
+# The encoding core lives in the standalone loader that exports ship, so exported models encode identically.
+from text2img.pipeline import encode_captions, load_text_model, prepare_text_model
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def load_gguf(
-    name_or_path: str, gguf_file: str, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """Dequantise a GGUF checkpoint into a plain base model (no LM head) and its tokenizer.
-
-    Not `from_pretrained(gguf_file=...)`: in transformers 5 that requires `accelerate`, which this project
-    does not depend on. Building the model from the GGUF's config and loading its dequantised tensors gives
-    bit-identical weights.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
-    model = AutoModel.from_config(AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file), dtype=dtype)
-    path = cached_file(name_or_path, gguf_file)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    # Extra tensors (an untied LM head) are not needed by the base model; missing ones would be random.
-    missing, _ = model.load_state_dict(tensors, strict=False)
-    if missing:
-        raise ValueError(
-            f"{gguf_file} has no weights for {len(missing)} parameters of {type(model).__name__} "
-            f"(e.g. {missing[0]}); convert the model to safetensors and set encoder.model to that folder"
-        )
-    return tokenizer, model.eval()
 
 
 def _drop_unused_layers(model: PreTrainedModel, keep: int) -> None:
@@ -109,7 +84,8 @@ class HFTextEncoder(TextEncoder):
         self.trainable = trainable
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self._hidden_index = 0
+        # Index into the model's `hidden_states` of the layer read (`layer` resolved when the model loads).
+        self.hidden_index = 0
         # Follows `.to(device)` before the weights exist, so a lazy load lands on the right device.
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         self.train()  # a frozen encoder starts (and stays) in eval mode
@@ -139,13 +115,14 @@ class HFTextEncoder(TextEncoder):
             "dtype": self.dtype,
         }
 
+    def reference(self) -> dict[str, Any] | None:
+        """How to load these weights without text2img (`text2img.pipeline.load_text_model`'s arguments), or
+        None where they exist only in code; an export writes it next to (or instead of) a copy of them."""
+        return {"model": self.model_name, "gguf_file": self.gguf_file, "trust_remote_code": self.trust_remote_code}
+
     def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         """Tokenizer and base model; subclasses that ship their weights differently override this."""
-        if self.gguf_file:
-            return load_gguf(self.model_name, self.gguf_file, self.torch_dtype)
-        remote = {"trust_remote_code": self.trust_remote_code}
-        tokenizer = AutoTokenizer.from_pretrained(self.model_name, **remote)
-        return tokenizer, AutoModel.from_pretrained(self.model_name, dtype=self.torch_dtype, **remote)
+        return load_text_model(self.model_name, self.torch_dtype, self.gguf_file, self.trust_remote_code)
 
     def load(self) -> None:
         """Load the weights now (`encode` does it on first use); a trainable encoder needs this before
@@ -154,14 +131,9 @@ class HFTextEncoder(TextEncoder):
             return
         start = time.perf_counter()
         tokenizer, model = self._load_pretrained()
-        self._hidden_index = self._check(model)
-        tokenizer.padding_side = "right"
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise ValueError(f"{self.model_id}'s tokenizer has neither a pad nor an eos token; pick another model")
-            tokenizer.pad_token = tokenizer.eos_token
-        model.config.use_cache = False
-        _drop_unused_layers(model, self._hidden_index + 1)
+        self.hidden_index = self._check(model)
+        prepare_text_model(tokenizer, model, self.model_id)
+        _drop_unused_layers(model, self.hidden_index + 1)
         model.requires_grad_(self.trainable)
         model.train(self.training)
         self.tokenizer = tokenizer
@@ -199,31 +171,6 @@ class HFTextEncoder(TextEncoder):
         # A frozen encoder stays in eval mode (no dropout) even inside a module being trained.
         return super().train(mode and self.trainable)
 
-    def _features(self, captions: Sequence[str]) -> list[dict[str, list[int]]]:
-        """Tokenize without padding; counts (and warns about) captions cut by max_length."""
-        assert self.tokenizer is not None
-        texts = [self.template.replace("{caption}", caption) for caption in captions]
-        cut = sum(len(ids) > self.max_length for ids in self.tokenizer(texts)["input_ids"])
-        if cut:
-            log.warning(
-                "%d of %d captions are longer than encoder.max_length=%d tokens and were truncated",
-                cut, len(texts), self.max_length,
-            )
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        features = [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
-        fallback = self.tokenizer.bos_token_id
-        fallback = self.tokenizer.eos_token_id if fallback is None else fallback
-        for row in features:
-            if not row["input_ids"]:
-                # An empty prompt would be an all-padding row (NaN attention downstream): give it one token.
-                row.update({key: [0] for key in row}, input_ids=[fallback], attention_mask=[1])
-        return features
-
-    def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        if self.pooling == "last":
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(1) - 1]
-        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-
     def encode(self, captions: Sequence[str]) -> TextEmbedding:
         device = self._device_anchor.device
         if not captions:
@@ -231,22 +178,9 @@ class HFTextEncoder(TextEncoder):
             return TextEmbedding(tokens, torch.zeros(0, self.max_length, dtype=torch.bool, device=device), tokens[:, 0])
         self.load()
         assert self.model is not None and self.tokenizer is not None
-        features = self._features(captions)
-        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-        tokens, masks, pooled = [], [], []
-        with nullcontext() if self.trainable else torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = [features[i] for i in order[start : start + self.batch_size]]
-                batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt").to(device)
-                out = self.model(**batch, output_hidden_states=True)
-                hidden = out.hidden_states[self._hidden_index].float()
-                mask = batch["attention_mask"].bool()
-                # `where`, not a product: padded positions of some attention kernels are NaN.
-                hidden = torch.where(mask[..., None], hidden, 0.0)
-                pad = self.max_length - mask.shape[1]
-                tokens.append(F.pad(hidden, (0, 0, 0, pad)))
-                masks.append(F.pad(mask, (0, pad)))
-                pooled.append(self._pool(hidden, mask))
-        # Built outside inference mode, so the result is an ordinary tensor that autograd may save.
-        restore = torch.argsort(torch.tensor(order, device=device))
-        return TextEmbedding(torch.cat(tokens)[restore], torch.cat(masks)[restore], torch.cat(pooled)[restore])
+        tokens, mask, pooled = encode_captions(
+            self.model, self.tokenizer, captions, template=self.template, max_length=self.max_length,
+            hidden_index=self.hidden_index, pooling=self.pooling, batch_size=self.batch_size, device=device,
+            grad=self.trainable,
+        )
+        return TextEmbedding(tokens, mask, pooled)

@@ -15,7 +15,8 @@ from pathlib import Path
 from filelock import FileLock
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from text2img.encoders.hf import HFTextEncoder, load_gguf
+from text2img.encoders.hf import HFTextEncoder
+from text2img.pipeline import load_gguf
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class SmolLM2Encoder(HFTextEncoder):
     def converted_dir(self) -> Path:
         # Versioned: another package release may ship other weights.
         return self.cache_dir / f"smollm2-135m-instruct-{self.version}"
+
+    def reference(self) -> dict[str, Any]:
+        # The packaged GGUF (the converted folder is a cache of it); loading it needs the `gguf` package.
+        return {"model": str(package_dir()), "gguf_file": GGUF_FILE, "trust_remote_code": False}
 
     def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         path = convert(self.converted_dir)

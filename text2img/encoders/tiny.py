@@ -43,6 +43,9 @@ class TinyEncoder(HFTextEncoder):
         )
         self.seed = seed
 
+    def reference(self) -> None:
+        return None  # random weights built in code: an export must copy them
+
     def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         config = GPT2Config(
             n_layer=2, n_embd=self.hidden_size, n_head=2, n_positions=POSITIONS, vocab_size=VOCAB_SIZE,

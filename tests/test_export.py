@@ -1,0 +1,322 @@
+"""`python -m text2img.export`: the folder loads with diffusers, and its standalone loader gives the checkpoint's
+images without text2img, Hydra or Lightning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, compose_train, smoke_overrides, write_imagefolder
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from hydra.utils import get_class
+from safetensors.torch import load_file
+
+from text2img.checkpoint import load_model
+from text2img.encoders import HFTextEncoder, TinyEncoder
+from text2img.errors import ConfigError
+from text2img.export import export, export_fusion, write_export
+from text2img.fusion import FusionHead, TokenProjection
+from text2img.generators.first_stage import FirstStage
+from text2img.generators.latent_diffusion import LatentDiffusionGenerator
+from text2img.lightning import Text2ImgModule
+from text2img.pipeline import FUSION_FILE, LOADER_FILE, SETTINGS_FILE, Text2ImgPipeline
+from text2img.train import build_model, train
+from text2img.types import Conditioning, TextEmbedding
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Prompts of different lengths (the tiny encoder has one token per byte), so padding and batching are exercised.
+PROMPTS = ["a red square", "a blue circle number 7", "", "a yellow triangle number 12 with a long tail"]
+SEEDS = [3, 1, 4, 1]
+# float32 on one machine, both sides encoding the prompts afresh: measured identical (0.0). The bound leaves room
+# for kernels whose last bits differ; a wrong scale, schedule or guidance branch moves pixels by 1e-4 or more.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-step smoke run's last checkpoint (tiny encoder and UNet on a 48-image folder)."""
+    root = tmp_path_factory.mktemp("export")
+    data = write_imagefolder(root / "data")
+    train(compose_train(root / "run", smoke_overrides(data, "logger=csv", "test=false", "callbacks.sample_grid=null")))
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint exported from the command line."""
+    out = tmp_path_factory.mktemp("exported") / "model"
+    result = subprocess.run(
+        [sys.executable, "-m", "text2img.export", f"ckpt={checkpoint}", f"out={out}", f"hydra.run.dir={out.parent}"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"-> {out}" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint_model(checkpoint: Path) -> tuple[Text2ImgModule, TinyEncoder]:
+    _, datamodule, model = load_model(str(checkpoint))
+    return model.eval(), datamodule.encoder
+
+
+def test_export_gives_the_checkpoints_images(exported: Path, checkpoint_model) -> None:
+    model, encoder = checkpoint_model
+    pipe = Text2ImgPipeline.from_folder(exported)
+    for sampling in ({}, {"guidance_scale": 1.0, "steps": 3}):
+        expected = model.generate(encoder.encode(PROMPTS), SEEDS, **sampling)
+        images = pipe(PROMPTS, seed=SEEDS, output_type="pt", **sampling)
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+        assert (images - expected).abs().max() <= TOLERANCE
+        assert (images[0] - images[1]).abs().max() > 0.01  # different prompts and seeds: different images
+    # image i depends on its prompt and seed only, not on the batch it is generated in
+    alone = pipe(PROMPTS[1:2], seed=SEEDS[1:2], output_type="pt")
+    assert (alone[0] - pipe(PROMPTS, seed=SEEDS, output_type="pt")[1]).abs().max() <= TOLERANCE
+    pil = pipe(PROMPTS[:2], seed=5)
+    assert [image.size for image in pil] == [(32, 32), (32, 32)]
+    first = torch.tensor(list(pil[1].getdata()), dtype=torch.float32).T.reshape(3, 32, 32) / 255
+    assert (first - pipe(PROMPTS[1:2], seed=6, output_type="pt")[0]).abs().max() <= 0.5 / 255 + TOLERANCE
+
+
+def test_folder_loads_with_diffusers_own_classes(exported: Path, checkpoint_model) -> None:
+    model, _ = checkpoint_model
+    unet = UNet2DConditionModel.from_pretrained(exported / "unet")
+    trained = model.generator.unet.state_dict()
+    assert unet.state_dict().keys() == trained.keys()
+    assert all(torch.equal(value, trained[name]) for name, value in unet.state_dict().items())
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(exported / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    settings = json.loads((exported / SETTINGS_FILE).read_text())
+    assert settings["generator"] | {"patch_size": 2, "model_channels": 3, "sample_steps": 2} == settings["generator"]
+    assert settings["text_encoder"]["weights"] == "text_encoder" and settings["text_encoder"]["reference"] is None
+    assert (exported / LOADER_FILE).read_text() == (REPO_ROOT / "text2img" / "pipeline.py").read_text()
+    assert "from text2img_pipeline import Text2ImgPipeline" in (exported / "README.md").read_text()
+    null = load_file(exported / "fusion" / "null_text.safetensors")
+    assert torch.equal(null["tokens"], model.null_tokens) and torch.equal(null["pooled"], model.null_pooled)
+
+
+def test_fusion_program_takes_any_batch_and_length_and_holds_no_pickle(exported: Path, checkpoint_model) -> None:
+    model, _ = checkpoint_model
+    fusion = torch.export.load(exported / FUSION_FILE).module()
+    for batch, length in [(1, 1), (3, 9), (5, 64)]:
+        mask = torch.arange(length).expand(batch, length) < torch.randint(1, length + 1, (batch, 1))
+        tokens = torch.randn(batch, length, 64) * mask[..., None]
+        expected = model.fusion(TextEmbedding(tokens, mask, tokens[:, 0]))
+        got_tokens, got_mask = fusion(tokens, mask, tokens[:, 0], torch.zeros(batch, dtype=torch.int64))
+        assert torch.equal(got_tokens, expected.tokens) and torch.equal(got_mask, mask)
+    with zipfile.ZipFile(exported / FUSION_FILE) as archive:
+        pickled = [info.filename for info in archive.infolist() if info.filename.endswith(".pt") and info.file_size]
+    assert pickled == []  # the graph is JSON, the weights raw bytes
+    suffixes = {path.suffix for path in exported.rglob("*") if path.is_file()}
+    assert not suffixes & {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+
+
+class TimestepGate(FusionHead):
+    """A timestep-aware head (like those of a later issue): tokens scaled by a function of the timestep."""
+
+    produces = frozenset({"tokens"})
+    timestep_aware = True
+
+    def __init__(self, in_dim: int = 8, out_dim: int = 4) -> None:
+        super().__init__(in_dim, out_dim)
+        self.proj = torch.nn.Linear(in_dim, out_dim)
+        self.gate = torch.nn.Embedding(1000, out_dim)
+
+    def forward(self, text: TextEmbedding, timestep: torch.Tensor | None = None) -> Conditioning:
+        assert timestep is not None
+        tokens = self.proj(text.tokens) * self.gate(timestep)[:, None] * text.mask[..., None]
+        return Conditioning(tokens=tokens, mask=text.mask)
+
+
+def test_a_timestep_aware_head_exports_with_its_timestep(tmp_path: Path) -> None:
+    head = TimestepGate().eval()
+    export_fusion(head, torch.int64, tmp_path / "head.pt2")
+    program = torch.export.load(tmp_path / "head.pt2").module()
+    tokens, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    early, late = torch.tensor([999, 999, 999]), torch.tensor([10, 500, 999])
+    for timestep in (early, late):
+        got, _ = program(tokens, mask, tokens[:, 0], timestep)
+        assert torch.equal(got, head(TextEmbedding(tokens, mask, tokens[:, 0]), timestep).tokens)
+    assert not torch.equal(program(tokens, mask, tokens[:, 0], early)[0], program(tokens, mask, tokens[:, 0], late)[0])
+
+
+BLOCKED_IMPORTS = """
+import importlib.abc, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"text2img", "hydra", "omegaconf", "lightning", "lightning_fabric", "pytorch_lightning"}:
+            raise ImportError(f"the standalone loader imported {name}")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+sys.path.insert(0, sys.argv[1])
+import torch
+from safetensors.torch import save_file
+from text2img_pipeline import Text2ImgPipeline
+
+pipe = Text2ImgPipeline.from_folder(sys.argv[1])
+images = pipe(sys.argv[3].split("|"), seed=[int(s) for s in sys.argv[4].split(",")], output_type="pt")
+save_file({"images": images.contiguous()}, sys.argv[2])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"text2img", "hydra", "lightning", "omegaconf"})
+assert not loaded, loaded
+"""
+
+
+def test_the_loader_needs_no_text2img_hydra_or_lightning(exported: Path, checkpoint_model, tmp_path: Path) -> None:
+    model, encoder = checkpoint_model
+    script = tmp_path / "generate.py"
+    script.write_text(BLOCKED_IMPORTS)
+    prompts = PROMPTS[:2]
+    result = subprocess.run(
+        [sys.executable, str(script), str(exported), str(tmp_path / "images.safetensors"), "|".join(prompts), "3,1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = load_file(tmp_path / "images.safetensors")["images"]
+    assert (images - model.generate(encoder.encode(prompts), [3, 1])).abs().max() <= TOLERANCE
+
+
+def tiny_autoencoder(image_size: int) -> AutoencoderKL:
+    """A random AutoencoderKL with 4-channel latents at half the image size."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, sample_size=image_size,
+    )
+
+
+def tiny_latent_module() -> tuple[Text2ImgModule, TinyEncoder]:
+    """Latent diffusion on a tiny AutoencoderKL first stage (4x8x8 latents of 16-px images), untrained but
+    with randomised weights so that every part matters."""
+    autoencoder = tiny_autoencoder(16)
+    unet = partial(
+        UNet2DConditionModel, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    generator = LatentDiffusionGenerator(
+        first_stage=FirstStage(autoencoder, source="test"), image_size=16, latent_scale=0.7, unet=unet,
+        noise_scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type="epsilon"),
+        sampler=get_class("diffusers.DDIMScheduler"), cond_dim=32, sample_steps=3, guidance_scale=2.0,
+    )
+    encoder = TinyEncoder(hidden_size=64, max_length=24, layer=-2)
+    model = Text2ImgModule(TokenProjection(64, 32, hidden_dim=48), generator, text_dim=64, optimizer=torch.optim.AdamW)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.eval(), encoder
+
+
+def test_latent_diffusion_export_gives_the_same_images(tmp_path: Path) -> None:
+    model, encoder = tiny_latent_module()
+    out = write_export(model, encoder, tmp_path / "ldm")
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    assert vae.config.scaling_factor == pytest.approx(0.7) and vae.config.latent_channels == 4
+    pipe = Text2ImgPipeline.from_folder(out)
+    text = encoder.encode(PROMPTS)
+    expected = model.generate(text, SEEDS)
+    images = pipe(PROMPTS, seed=SEEDS, output_type="pt")
+    assert images.shape == expected.shape == (4, 3, 16, 16)
+    assert (images - expected).abs().max() <= TOLERANCE
+    # the encoder reads its second-to-last layer; the copy keeps that layer by its resolved index
+    assert json.loads((out / SETTINGS_FILE).read_text())["text_encoder"]["layer"] == 1
+    tokens, mask, pooled = pipe.encode(PROMPTS)
+    assert torch.equal(tokens, text.tokens) and torch.equal(mask, text.mask) and torch.equal(pooled, text.pooled)
+
+
+def test_an_ldm_checkpoint_exports_with_its_first_stage(tmp_path: Path) -> None:
+    """generator=ldm trained (smoke) on a diffusers AutoencoderKL folder, its latent scale computed from data."""
+    tiny_autoencoder(32).save_pretrained(tmp_path / "vae")
+    data = write_imagefolder(tmp_path / "data")
+    overrides = ["generator=ldm", f"generator.first_stage.source={tmp_path / 'vae'}", "logger=csv", "test=false"]
+    train(compose_train(tmp_path / "run", smoke_overrides(data, *overrides, "callbacks.sample_grid=null")))
+    _, datamodule, model = load_model(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    out = write_export(model, datamodule.encoder, tmp_path / "out")
+    scale = model.generator.latent_scale.item()
+    assert scale > 0 and AutoencoderKL.from_pretrained(out / "vae").config.scaling_factor == scale
+    images = Text2ImgPipeline.from_folder(out)(PROMPTS, seed=SEEDS, output_type="pt")
+    expected = model.eval().generate(datamodule.encoder.encode(PROMPTS), SEEDS)
+    assert images.shape == (4, 3, 32, 32) and (images - expected).abs().max() <= TOLERANCE
+
+
+def test_a_referenced_encoder_is_loaded_from_its_reference(tmp_path: Path, checkpoint_model) -> None:
+    """copy_encoder=false writes where the weights are instead of the weights (here a local folder)."""
+    model, tiny = checkpoint_model
+    tiny.load()
+    tiny.model.save_pretrained(tmp_path / "encoder")
+    tiny.tokenizer.save_pretrained(tmp_path / "encoder")
+    encoder = HFTextEncoder(model=str(tmp_path / "encoder"), hidden_size=64, max_length=64)
+    out = write_export(model, encoder, tmp_path / "out", copy_encoder=False)
+    assert not (out / "text_encoder").exists()
+    assert json.loads((out / SETTINGS_FILE).read_text())["text_encoder"]["reference"]["model"] == str(tmp_path / "encoder")
+    images = Text2ImgPipeline.from_folder(out)(PROMPTS[:2], seed=0, output_type="pt")
+    assert (images - model.generate(encoder.encode(PROMPTS[:2]), [0, 1])).abs().max() <= TOLERANCE
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_non_diffusion_checkpoint_is_refused(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, smoke_overrides(write_imagefolder(tmp_path / "data", n=8), "generator=vae"))
+    datamodule, model = build_model(cfg)
+    with pytest.raises(ConfigError) as error:
+        write_export(model, datamodule.encoder, tmp_path / "out", source={"checkpoint": "vae.ckpt"})
+    assert one_line(error) == (
+        "export writes diffusion models (generator=diffusion or generator=ldm); ckpt='vae.ckpt' holds a VAEGenerator"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_built_in_code_must_be_copied(tmp_path: Path, checkpoint_model) -> None:
+    model, encoder = checkpoint_model
+    with pytest.raises(ConfigError) as error:
+        write_export(model, encoder, tmp_path / "out", copy_encoder=False)
+    assert "copy_encoder=false, but the text encoder tiny-gpt2-64d-seed0 (TinyEncoder) is built in code" in one_line(error)
+    assert one_line(error).endswith("use copy_encoder=true")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written is left
+
+
+def test_a_non_empty_out_is_one_line_unless_overwrite(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as error:
+        export(compose_train(tmp_path, [f"ckpt={checkpoint}", f"out={out}"], "export"))
+    assert error.value.code == (
+        f"text2img: error: out='{out}' exists and is not empty; choose a new folder or pass overwrite=true"
+    )
+    export(compose_train(tmp_path, [f"ckpt={checkpoint}", f"out={out}", "overwrite=true"], "export"))
+    assert not (out / "notes.txt").exists() and (out / SETTINGS_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    ("sampling", "message"),
+    [
+        ({"guidance_scale": 0.5}, "guidance_scale=0.5 is below 1; use 1 (no guidance) or more"),
+        ({"steps": 0}, "steps=0 is out of range; use 1..1000"),
+        ({"steps": 1001}, "steps=1001 is out of range; use 1..1000"),
+    ],
+)
+def test_loader_sampling_arguments_are_checked(exported: Path, sampling: dict, message: str) -> None:
+    pipe = Text2ImgPipeline.from_folder(exported)
+    with pytest.raises(ValueError) as error:
+        pipe(["a red square"], **sampling)
+    assert one_line(error) == message
+
+
+def test_a_folder_that_is_not_an_export_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as error:
+        Text2ImgPipeline.from_folder(tmp_path)
+    assert one_line(error) == f"{tmp_path} holds no text2img.json; pass a folder written by text2img.export"

@@ -1,0 +1,285 @@
+"""Export entry point: `python -m text2img.export ckpt=PATH out=DIR [copy_encoder=true] [overwrite=false]`.
+
+Writes a trained diffusion model (pixel or latent) as a diffusers-format folder that generates from a prompt
+without Hydra or the training code:
+
+    unet/                 UNet2DConditionModel.save_pretrained (the checkpoint's EMA weights)
+    scheduler/            the sampler the checkpoint samples with (noise schedule config + sampler kwargs)
+    vae/                  the first stage of latent diffusion, its latent scale as `scaling_factor`
+    fusion/fusion.pt2     the fusion head as a torch.export program (tokens, mask, pooled, timestep)
+    fusion/null_text.safetensors   the learned null embedding of classifier-free guidance
+    text_encoder/         the text encoder's weights and tokenizer (copy_encoder=true)
+    text2img.json         sampling settings, the text encoder's settings and reference, provenance
+    text2img_pipeline.py  the loader (a copy of text2img/pipeline.py), and README.md on how to use it
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.export import Dim
+
+from text2img import pipeline
+from text2img.checkpoint import load_model
+from text2img.cli import run_checked
+from text2img.encoders.hf import HFTextEncoder
+from text2img.errors import ConfigError
+from text2img.files import atomic_path
+from text2img.fusion.base import FusionHead
+from text2img.generators.diffusion import DiffusionGenerator
+from text2img.generators.latent_diffusion import LatentDiffusionGenerator
+from text2img.lightning import Text2ImgModule
+from text2img.train import user_error
+from text2img.types import TextEmbedding
+
+
+class FusionProgram(nn.Module):
+    """A fusion head on plain tensors, for `torch.export`: (tokens, mask, pooled, timestep) -> (tokens, mask)."""
+
+    def __init__(self, fusion: FusionHead) -> None:
+        super().__init__()
+        self.fusion = fusion
+
+    def forward(self, tokens: Tensor, mask: Tensor, pooled: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        text = TextEmbedding(tokens, mask, pooled)
+        cond = self.fusion(text, timestep if self.fusion.timestep_aware else None)
+        return cond.tokens, cond.mask
+
+
+def export_fusion(fusion: FusionHead, timestep_dtype: torch.dtype, path: Path) -> None:
+    """Trace the head (eval mode) with a dynamic batch and sequence length; save it without pickles.
+
+    Every head takes the timestep (timestep-aware ones use it), so the loader runs any head the same way;
+    it has the dtype of the sampler's timesteps, which is what the head receives in text2img.
+    """
+    batch, length = Dim("batch", min=1), Dim("length", min=1)
+    example = (
+        torch.zeros(2, 3, fusion.in_dim),
+        torch.ones(2, 3, dtype=torch.bool),
+        torch.zeros(2, fusion.in_dim),
+        torch.zeros(2, dtype=timestep_dtype),
+    )
+    dynamic = {
+        "tokens": {0: batch, 1: length}, "mask": {0: batch, 1: length}, "pooled": {0: batch}, "timestep": {0: batch},
+    }
+    program = torch.export.export(FusionProgram(fusion).eval(), example, dynamic_shapes=dynamic, strict=False)
+    program.example_inputs = None  # stored with torch.save (a pickle) otherwise; the weights are raw bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, path)
+
+
+def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path) -> dict[str, Any]:
+    """The encoder's settings for the loader; with `copy`, its weights and tokenizer are saved to `folder`."""
+    reference = encoder.reference()
+    if not copy and reference is None:
+        raise ConfigError(
+            f"copy_encoder=false, but the text encoder {encoder.model_id} ({type(encoder).__name__}) is built in "
+            "code and cannot be loaded by reference; use copy_encoder=true"
+        )
+    layer = encoder.layer
+    if copy:
+        encoder.load()
+        assert encoder.model is not None and encoder.tokenizer is not None
+        encoder.model.save_pretrained(folder)
+        encoder.tokenizer.save_pretrained(folder)
+        # The loaded model keeps only the layers up to the one read: address that layer by its index.
+        layer = encoder.hidden_index
+    return {
+        "weights": folder.name if copy else None,
+        "reference": reference,
+        "identity": encoder.identity(),
+        "hidden_size": encoder.hidden_size,
+        "layer": layer,
+        "pooling": encoder.pooling,
+        "template": encoder.template,
+        "max_length": encoder.max_length,
+        "dtype": encoder.dtype,
+        "batch_size": encoder.batch_size,
+    }
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.is_file():
+        raise ConfigError(f"out='{out}' is a file; pass a folder (new or empty) to export to")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"out='{out}' exists and is not empty; choose a new folder or pass overwrite=true")
+
+
+def write_export(
+    model: Text2ImgModule,
+    encoder: HFTextEncoder,
+    out: Path,
+    *,
+    copy_encoder: bool = True,
+    overwrite: bool = False,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` (its current weights) and `encoder` to `out` in the layout `text2img.pipeline` reads.
+
+    The folder appears whole or not at all (written beside it, then renamed). `source` is provenance for
+    text2img.json (checkpoint path, step).
+    """
+    source = source or {}
+    generator = model.generator
+    if not isinstance(generator, DiffusionGenerator):
+        raise ConfigError(
+            f"export writes diffusion models (generator=diffusion or generator=ldm); ckpt='{source.get('checkpoint')}' "
+            f"holds a {type(generator).__name__}"
+        )
+    check_out(out, overwrite)
+    model.eval()
+    sampler = generator.make_sampler()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        generator.unet.save_pretrained(tmp / pipeline.UNET_DIR)
+        sampler.save_pretrained(tmp / pipeline.SCHEDULER_DIR)
+        if isinstance(generator, LatentDiffusionGenerator):
+            save_first_stage(generator, tmp / pipeline.VAE_DIR)
+        export_fusion(model.fusion, sampler.timesteps.dtype, tmp / pipeline.FUSION_FILE)
+        null_text = {"tokens": model.null_tokens, "pooled": model.null_pooled}
+        save_file({name: value.detach().float().contiguous() for name, value in null_text.items()},
+                  tmp / pipeline.NULL_TEXT_FILE)
+        settings = {
+            "format": pipeline.FORMAT_VERSION,
+            # torch's version too: torch.export files are only guaranteed to load in the version that wrote them
+            "source": {
+                **source, "generator": type(generator).__name__, "fusion": type(model.fusion).__name__,
+                "torch": torch.__version__,
+            },
+            "generator": {
+                "image_size": generator.image_size,
+                "model_channels": generator.model_channels,
+                "model_size": generator.model_size,
+                "patch_size": generator.patch_size,
+                "guidance_scale": generator.guidance_scale,
+                "sample_steps": generator.sample_steps,
+                "num_train_timesteps": generator.noise_scheduler.config.num_train_timesteps,
+            },
+            "text_encoder": text_encoder_settings(encoder, copy_encoder, tmp / pipeline.TEXT_ENCODER_DIR),
+        }
+        (tmp / pipeline.SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        shutil.copyfile(pipeline.__file__, tmp / pipeline.LOADER_FILE)
+        has_vae = (tmp / pipeline.VAE_DIR).is_dir()
+        (tmp / "README.md").write_text(readme(settings, generator.prediction_type, has_vae))
+        if out.exists():  # empty, or overwrite=true: replaced only now that the new folder is complete
+            shutil.rmtree(out)
+    return out
+
+
+def save_first_stage(generator: LatentDiffusionGenerator, folder: Path) -> None:
+    """The first stage's `AutoencoderKL` with the latent scale as its `scaling_factor`: diffusers pipelines
+    decode `latents / vae.config.scaling_factor`, which is what `LatentDiffusionGenerator` does."""
+    generator.first_stage.autoencoder.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["scaling_factor"] = generator.scale().item()
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def readme(settings: dict[str, Any], prediction_type: str, has_vae: bool) -> str:
+    text, sampling = settings["text_encoder"], settings["generator"]
+    reference = json.dumps(text["reference"])
+    if text["weights"] and text["reference"] is None:
+        encoder = f"copied into `{text['weights']}/` (weights and tokenizer; text2img builds them in code)"
+    elif text["weights"]:
+        encoder = f"copied into `{text['weights']}/` (weights and tokenizer) from {reference}"
+    else:
+        encoder = (
+            f"not copied: the loader loads {reference} (a hub name, or a path on the machine that exported; "
+            "edit `text_encoder.reference` in text2img.json if the weights live elsewhere)"
+        )
+        if text["reference"].get("gguf_file"):
+            encoder += "; reading a GGUF file also needs `pip install gguf`"
+    vae = (
+        "- `vae/`: the first stage, a diffusers `AutoencoderKL`; latents are decoded as\n"
+        "  `vae.decode(latents / vae.config.scaling_factor)`.\n"
+    )
+    return README.format(
+        size=sampling["image_size"], steps=sampling["sample_steps"], guidance=sampling["guidance_scale"],
+        prediction=prediction_type, encoder=encoder, identity=json.dumps(text["identity"]), vae=vae if has_vae else "",
+    )
+
+
+README = """\
+# A text2img model, exported
+
+Generates {size}x{size} images from a prompt with `torch`, `diffusers`, `transformers` and `safetensors`
+only (no text2img, Hydra or Lightning; Pillow comes with diffusers):
+
+    pip install torch diffusers transformers safetensors
+
+```python
+import sys
+sys.path.insert(0, "path/to/this/folder")
+from text2img_pipeline import Text2ImgPipeline
+
+pipe = Text2ImgPipeline.from_folder("path/to/this/folder")   # device="cuda" for a GPU
+images = pipe(["a red apple", "a green apple"], seed=0)      # PIL images; image i uses seed 0 + i
+images[0].save("apple.png")
+tensor = pipe(["a red apple"], seed=[7], guidance_scale={guidance}, steps={steps}, output_type="pt")  # [1, 3, H, W], [0, 1]
+```
+
+Defaults: `guidance_scale={guidance}` (classifier-free guidance; 1 = none), `steps={steps}`, {prediction} prediction.
+Image i's starting noise comes from `torch.Generator().manual_seed(seed_i)` on the CPU, as in text2img, so a
+seed gives the image the checkpoint gives in text2img, in any batch. On one machine in float32 the two are
+identical when text2img encodes the prompts afresh. Training and evaluation read text embeddings from a cache
+that was encoded in other batches, whose last bits can differ: against those, pixels differ by up to a few
+1e-5 (2e-5 measured on the default SmolLM2 model).
+
+## What is in the folder
+
+- `unet/`: a diffusers `UNet2DConditionModel` (`UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`);
+  with `patch_size` p > 1 in text2img.json it denoises `pixel_unshuffle(x, p)` (p x p patches as channels).
+- `scheduler/`: the sampler (`<its _class_name>.from_pretrained(folder, subfolder="scheduler")`).
+{vae}- `fusion/fusion.pt2`: the fusion head, a `torch.export` program (`torch.export.load(...).module()`):
+  `(tokens [B, L, D], mask [B, L] bool, pooled [B, D], timestep [B]) -> (cross-attention tokens, mask)`;
+  batch and length are dynamic.
+- `fusion/null_text.safetensors`: the learned unconditional embedding (`tokens` [1, D], `pooled` [D]):
+  one always-attended token, the unconditional branch of guidance.
+- `text2img.json`: sampling settings (`generator`), the text encoder's settings (`text_encoder`: layer,
+  pooling, template, max_length, dtype) and where the model came from (`source`).
+- The text encoder is {encoder}. Its settings are those of the training run's text embeddings: {identity}.
+- `text2img_pipeline.py`: the loader; `Text2ImgPipeline.encode(prompts)` gives the text embeddings alone.
+"""
+
+
+def export(cfg: DictConfig) -> Path:
+    """Load `cfg.ckpt` and write it to `cfg.out`; returns the folder."""
+    out = Path(cfg.out).expanduser()
+    try:
+        check_out(out, cfg.overwrite)  # before the model is loaded: fail fast
+        checkpoint, datamodule, model = load_model(cfg.ckpt)
+        encoder = datamodule.encoder
+        if not isinstance(encoder, HFTextEncoder):
+            raise ConfigError(
+                f"export needs a transformers text encoder; ckpt='{cfg.ckpt}' uses {type(encoder).__name__}"
+            )
+        source = {"checkpoint": str(Path(cfg.ckpt).expanduser().absolute()), "step": checkpoint.get("global_step")}
+        write_export(model, encoder, out, copy_encoder=cfg.copy_encoder, overwrite=cfg.overwrite, source=source)
+    except Exception as exc:
+        if (error := user_error(exc)) is not None:
+            raise error from exc
+        raise
+    print(f"exported {cfg.ckpt} -> {out}\nload it with text2img_pipeline.Text2ImgPipeline: see {out / 'README.md'}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def hydra_main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+def main() -> None:
+    run_checked(hydra_main)
+
+
+if __name__ == "__main__":
+    main()
