@@ -1,0 +1,168 @@
+"""The generator backends side by side: quality, alignment, speed and size of trained checkpoints.
+
+    python experiments/backends/compare.py diffusion=CKPT gan=CKPT vae=CKPT ldm=CKPT [--n-samples 1000]
+
+For each checkpoint, in one process so machine noise hits all alike:
+- the evaluation of `python -m text2img.evaluate` on the test prompts (FID/KID/IS on EfficientNet-Lite0
+  features, LiT alignment with its real-image ceiling, diversity among samples of one prompt);
+- training images/s: training steps of the checkpoint's own configuration, timed after warm-up (median);
+- sampling images/s: `generate` on 100 test prompts at the generator's default settings (median of repeats);
+- parameter counts: what generates an image (fusion head + generator network or UNet), the frozen first
+  stage and the discriminator, each apart;
+- a captioned grid of the first 24 test prompts (fixed seeds), written beside this script.
+Results go to `results.json` here and are printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import OmegaConf, open_dict  # noqa: E402
+
+from text2img.checkpoint import load_checkpoint, load_model  # noqa: E402
+from text2img.evaluate import evaluate  # noqa: E402
+from text2img.grid import captioned_grid  # noqa: E402
+from text2img.train import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+# Parameters outside the image-generating path, counted apart.
+SEPARATE = {"first_stage": "generator.first_stage.", "discriminator": "generator.discriminator."}
+
+
+class StepTimer(L.Callback):
+    """Wall time between consecutive training batches (data loading included)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, *args) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    counts = dict.fromkeys(["generating", *SEPARATE], 0)
+    for name, param in model.named_parameters():
+        part = next((key for key, prefix in SEPARATE.items() if name.startswith(prefix)), "generating")
+        counts[part] += param.numel()
+    return counts
+
+
+def training_images_per_s(ckpt: str, steps: int, warmup: int) -> float:
+    """Median images/s of the run's own training step (fresh weights, same config), validation off."""
+    run_cfg = OmegaConf.create(load_checkpoint(ckpt)["text2img_config"])
+    datamodule, model = build_model(run_cfg)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False, callbacks=[timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        gradient_clip_val=run_cfg.trainer.gradient_clip_val, precision=run_cfg.trainer.precision,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    # A GAN's global step counts its D and G optimiser steps: time per batch is what compares.
+    return run_cfg.data.batch_size / statistics.median(timer.times[warmup:])
+
+
+def sampling(ckpt: str, repeats: int, grid_path: Path) -> float:
+    """Median images/s of `generate` on 100 test prompts; writes the grid of the first 24."""
+    _, datamodule, model = load_model(ckpt)
+    datamodule.setup("test")
+    captions, text = datamodule.prompts("test")
+    captions, text = captions[:100], text[:100]
+    seeds = list(range(len(captions)))
+    model.eval()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        images = model.generate(text, seeds)
+        times.append(time.perf_counter() - start)
+    captioned_grid(images[:24], captions[:24], ncols=8).save(grid_path)
+    return len(captions) / statistics.median(times[1:])
+
+
+def evaluation(ckpt: str, n_samples: int, out: Path) -> dict:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="eval",
+            overrides=[f"ckpt={ckpt}", f"n_samples={n_samples}", f"out={out}",
+                       "metrics=[image,alignment,diversity]"],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(out.parent)
+    return evaluate(cfg)["metrics"]
+
+
+def table(results: dict[str, dict]) -> str:
+    columns = [
+        ("FID", "fid_effnet", ".1f"), ("KID", "kid_effnet", ".3f"), ("R@32", "r_precision", ".3f"),
+        ("R@32 real", "r_precision_real", ".3f"), ("diversity", "diversity_ratio_effnet", ".2f"),
+        ("train img/s", "train_images_per_s", ".1f"), ("sample img/s", "sample_images_per_s", ".1f"),
+    ]
+    head = "| backend | " + " | ".join(c[0] for c in columns) + " | params (generating / first stage / D) |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for name, row in results.items():
+        cells = [format(row[key], fmt) if key in row else "—" for _, key, fmt in columns]
+        p = row["parameters"]
+        sizes = " / ".join(f"{p[k] / 1e6:.2f}M" if p[k] else "—" for k in ("generating", "first_stage", "discriminator"))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sizes} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="name=checkpoint pairs")
+    parser.add_argument("--n-samples", type=int, default=1000)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    runs = dict(run.split("=", 1) for run in args.runs)
+    results = {}
+    for name, ckpt in runs.items():
+        checkpoint = load_checkpoint(ckpt)
+        _, _, model = load_model(ckpt)
+        row = {
+            "checkpoint": ckpt,
+            "step": checkpoint.get("global_step"),
+            "parameters": parameter_counts(model),
+            **evaluation(ckpt, args.n_samples, args.out / "eval" / f"{name}.json"),
+            "train_images_per_s": training_images_per_s(ckpt, args.train_steps, args.warmup),
+            "sample_images_per_s": sampling(ckpt, args.repeats, args.out / f"grid_{name}.png"),
+        }
+        results[name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "n_samples": args.n_samples,
+        "results": results,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
