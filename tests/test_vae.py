@@ -202,8 +202,9 @@ def test_perceptual_loss_is_differentiable_and_frozen():
     distance = perceptual(blurred, images)
     distance.backward()
     assert distance > 0 and blurred.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in perceptual.parameters())
-    assert not perceptual.train().training  # BatchNorm keeps its pretrained statistics
+    network = perceptual.extractor
+    assert all(p.grad is None and not p.requires_grad for p in network.parameters())
+    assert not network.training  # BatchNorm keeps its pretrained statistics
     with pytest.raises(ConfigError, match="stages=\\[0\\] are out of range"):
         EffNetPerceptualLoss(stages=(0,))
 
@@ -214,6 +215,8 @@ def test_perceptual_term_adds_to_the_loss():
     plain = float(tiny_vae().training_loss(images, prompts, fusion))
     generator = tiny_vae(perceptual=EffNetPerceptualLoss(weight=1.0, input_size=32))
     assert float(generator.training_loss(images, prompts, fusion)) > plain
+    # the network is an instrument: not in the generator's weights, checkpoint or EMA
+    assert generator.state_dict().keys() == tiny_vae().state_dict().keys()
 
 
 def test_fast_dev_run(tmp_path, imagefolder):
@@ -222,9 +225,10 @@ def test_fast_dev_run(tmp_path, imagefolder):
     assert fid is not None and math.isfinite(fid)
 
 
-def test_smoke_run_logs_reconstruction_quality(tmp_path, imagefolder):
-    cfg = compose_train(tmp_path, smoke_overrides(imagefolder, "generator=vae", "logger=csv",
-                                                  "metrics=[image,reconstruction]"))
+def test_smoke_run_with_perceptual_loss_logs_reconstruction_quality(tmp_path, imagefolder):
+    perceptual = "{_target_: text2img.generators.vae.EffNetPerceptualLoss, weight: 0.1, input_size: 32}"
+    overrides = ["generator=vae", "logger=csv", "metrics=[image,reconstruction]", f"generator.perceptual={perceptual}"]
+    cfg = compose_train(tmp_path, smoke_overrides(imagefolder, *overrides))
     train(cfg)
     log = (tmp_path / "csv" / "metrics.csv").read_text()
     header, *rows = log.splitlines()
