@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
+
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
@@ -112,15 +112,13 @@ class AdversarialModule(Text2ImgModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
 
-    def _check_finite(self, batch_idx: int, discriminator: Tensor, generator: Tensor) -> None:
-        d, g = float(discriminator.detach()), float(generator.detach())
-        if not (math.isfinite(d) and math.isfinite(g)):
-            raise FloatingPointError(
-                f"generator=gan: non-finite loss at step {self.trainer.global_step} (batch {batch_idx}): "
-                f"discriminator loss {d:.4g}, generator loss {g:.4g}; lower the learning rates "
-                "(model.optimizer.lr, model.discriminator_optimizer.lr), keep trainer.gradient_clip_val set, "
-                "or train in trainer.precision=32-true"
-            )
+    def _diverged(self, batch_idx: int, discriminator: Tensor, generator: Tensor) -> FloatingPointError:
+        return FloatingPointError(
+            f"generator=gan: non-finite loss at step {self.trainer.global_step} (batch {batch_idx}): "
+            f"discriminator loss {discriminator.item():.4g}, generator loss {generator.item():.4g}; lower the "
+            "learning rates (model.optimizer.lr, model.discriminator_optimizer.lr), keep trainer.gradient_clip_val "
+            "set, or train in trainer.precision=32-true"
+        )
 
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         generator_optimizer, discriminator_optimizer = self.optimizers()
@@ -132,9 +130,9 @@ class AdversarialModule(Text2ImgModule):
 
         with self.toggled_optimizer(discriminator_optimizer):
             d = gan.discriminator_loss(batch.images, fake.detach(), text)
-            if not torch.isfinite(d.total):  # report both losses, then stop before the weights are spoilt
+            if not torch.isfinite(d.total):  # stop before the weights are spoilt, reporting both losses
                 with torch.no_grad():
-                    self._check_finite(batch_idx, d.total, gan.generator_loss(fake, text))
+                    raise self._diverged(batch_idx, d.total, gan.generator_loss(fake, text))
             self._step(discriminator_optimizer, d.total)
 
         with self.toggled_optimizer(generator_optimizer):
@@ -143,7 +141,8 @@ class AdversarialModule(Text2ImgModule):
                 alignment = self.alignment(fake, text)
                 g_loss = g_loss + self.alignment_weight * alignment
                 self.log("train/alignment", alignment, batch_size=len(batch))
-            self._check_finite(batch_idx, d.total, g_loss)
+            if not torch.isfinite(g_loss):
+                raise self._diverged(batch_idx, d.total, g_loss.detach())
             self._step(generator_optimizer, g_loss)
 
         self.log_dict(
