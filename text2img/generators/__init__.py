@@ -4,4 +4,11 @@ from text2img.generators.gan import GANGenerator
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.generators.vae import VAEGenerator
 
-__all__ = ["VAEGenerator", "DiffusionGenerator", "GANGenerator", "LatentDiffusionGenerator", "Generator", "check_compatible"]
+__all__ = [
+    "DiffusionGenerator",
+    "GANGenerator",
+    "Generator",
+    "LatentDiffusionGenerator",
+    "VAEGenerator",
+    "check_compatible",
+]

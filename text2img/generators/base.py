@@ -65,6 +65,20 @@ class Generator(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
 
 
+def check_one_pass_sampling(generator_name: str, guidance_scale: float | None, steps: int | None) -> None:
+    """Generators that draw an image in one pass (GAN, VAE) take neither guidance nor a step count; say so
+    instead of silently ignoring them (1, no guidance, is accepted)."""
+    if guidance_scale not in (None, 1):
+        raise ConfigError(
+            f"guidance_scale={guidance_scale} does not apply to generator={generator_name} (one pass, no guidance); "
+            "leave it unset (or 1)"
+        )
+    if steps is not None:
+        raise ConfigError(
+            f"steps={steps} does not apply to generator={generator_name} (one pass, no sampling steps); leave it unset"
+        )
+
+
 def check_compatible(fusion: FusionHead, generator: Generator, fusion_name: str, generator_name: str) -> None:
     """Fail at build time, naming both config options, when a fusion head cannot drive a generator."""
     pair = f"fusion={fusion_name} with generator={generator_name}"

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
-from text2img.generators.base import Generator
+from text2img.generators.base import Generator, check_one_pass_sampling
 from text2img.metrics.effnet import EfficientNetLite0Features
 from text2img.types import TextEmbedding
 
@@ -205,14 +205,7 @@ class VAEGenerator(Generator):
         guidance_scale: float | None = None,
         steps: int | None = None,
     ) -> Tensor:
-        if guidance_scale not in (None, 1, 1.0):
-            raise ConfigError(
-                f"guidance_scale={guidance_scale} does not apply to generator=vae; leave it unset (or 1)"
-            )
-        if steps is not None:
-            raise ConfigError(
-                f"steps={steps} does not apply to generator=vae (one decoder pass); leave it unset"
-            )
+        check_one_pass_sampling("vae", guidance_scale, steps)
         # One CPU generator per sample: a seed gives the same latent on every device and in any batch.
         z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators])
         z = z.to(text.tokens.device)
