@@ -7,8 +7,8 @@ For each checkpoint, in one process so machine noise hits all alike:
   features, LiT alignment with its real-image ceiling, diversity among samples of one prompt);
 - training images/s: training steps of the checkpoint's own configuration, timed after warm-up (median);
 - sampling images/s: `generate` on 100 test prompts at the generator's default settings (median of repeats);
-- parameter counts: what generates an image (fusion head + generator network or UNet), the frozen first
-  stage and the discriminator, each apart;
+- parameter counts: what generates an image (fusion head + generator network, UNet or VAE decoder), the
+  frozen first stage, and what only training uses (a GAN's discriminator, a VAE's encoder), each apart;
 - a captioned grid of the first 24 test prompts (fixed seeds), written beside this script.
 Results go to `results.json` here and are printed as a Markdown table.
 """
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,28 +41,21 @@ from text2img.train import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-# Parameters outside the image-generating path, counted apart.
-SEPARATE = {"first_stage": "generator.first_stage.", "discriminator": "generator.discriminator."}
+# Parameters outside the image-generating path, counted apart: the frozen first stage, and what only training
+# uses (a GAN's discriminator, a VAE's encoder).
+SEPARATE = {
+    "first_stage": ("generator.first_stage.",),
+    "training_only": ("generator.discriminator.", "generator.autoencoder.encoder.", "generator.autoencoder.quant_conv."),
+}
 
-
-class StepTimer(L.Callback):
-    """Wall time between consecutive training batches (data loading included)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._last: float | None = None
-
-    def on_train_batch_end(self, *args) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
+sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+from train_throughput import StepTimer  # noqa: E402  (the benchmarks' step timer: one definition)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     counts = dict.fromkeys(["generating", *SEPARATE], 0)
     for name, param in model.named_parameters():
-        part = next((key for key, prefix in SEPARATE.items() if name.startswith(prefix)), "generating")
+        part = next((key for key, prefixes in SEPARATE.items() if name.startswith(prefixes)), "generating")
         counts[part] += param.numel()
     return counts
 
@@ -74,7 +68,9 @@ def training_images_per_s(ckpt: str, steps: int, warmup: int) -> float:
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False, callbacks=[timer],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        gradient_clip_val=run_cfg.trainer.gradient_clip_val, precision=run_cfg.trainer.precision,
+        precision=run_cfg.trainer.precision,
+        # a module that optimises manually (GAN) clips its own gradients; Lightning refuses the setting then
+        gradient_clip_val=run_cfg.trainer.gradient_clip_val if model.automatic_optimization else None,
     )
     trainer.fit(model, datamodule=datamodule)
     # A GAN's global step counts its D and G optimiser steps: time per batch is what compares.
@@ -99,12 +95,18 @@ def sampling(ckpt: str, repeats: int, grid_path: Path) -> float:
 
 
 def evaluation(ckpt: str, n_samples: int, out: Path) -> dict:
+    """The metrics of `text2img.evaluate`; a report already in `out` for this checkpoint and size is reused."""
+    if out.is_file():
+        report = json.loads(out.read_text())
+        if report["checkpoint"] == str(Path(ckpt).absolute()) and report["n_samples"] == n_samples:
+            print(f"{out}: reusing the evaluation of {ckpt}")
+            return report["metrics"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="eval",
             overrides=[f"ckpt={ckpt}", f"n_samples={n_samples}", f"out={out}",
-                       "metrics=[image,alignment,diversity]"],
+                       "metrics=[image,alignment,diversity,reconstruction]"],
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)
@@ -118,14 +120,15 @@ def table(results: dict[str, dict]) -> str:
     columns = [
         ("FID", "fid_effnet", ".1f"), ("KID", "kid_effnet", ".3f"), ("R@32", "r_precision", ".3f"),
         ("R@32 real", "r_precision_real", ".3f"), ("diversity", "diversity_ratio_effnet", ".2f"),
+        ("PSNR", "psnr", ".1f"), ("SSIM", "ssim", ".3f"),
         ("train img/s", "train_images_per_s", ".1f"), ("sample img/s", "sample_images_per_s", ".1f"),
     ]
-    head = "| backend | " + " | ".join(c[0] for c in columns) + " | params (generating / first stage / D) |"
+    head = "| backend | " + " | ".join(c[0] for c in columns) + " | params: generating / first stage / training only |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for name, row in results.items():
         cells = [format(row[key], fmt) if key in row else "—" for _, key, fmt in columns]
         p = row["parameters"]
-        sizes = " / ".join(f"{p[k] / 1e6:.2f}M" if p[k] else "—" for k in ("generating", "first_stage", "discriminator"))
+        sizes = " / ".join(f"{p[k] / 1e6:.2f}M" if p[k] else "—" for k in ("generating", *SEPARATE))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {sizes} |")
     return "\n".join(lines)
 
@@ -137,18 +140,19 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=HERE, help="results.json and the grids")
+    parser.add_argument("--eval-dir", type=Path, default=ROOT / "outputs" / "backends" / "eval",
+                        help="the evaluation reports (generated files: outside the repository's tracked tree)")
     args = parser.parse_args()
     runs = dict(run.split("=", 1) for run in args.runs)
     results = {}
     for name, ckpt in runs.items():
-        checkpoint = load_checkpoint(ckpt)
-        _, _, model = load_model(ckpt)
+        checkpoint, _, model = load_model(ckpt)
         row = {
             "checkpoint": ckpt,
             "step": checkpoint.get("global_step"),
             "parameters": parameter_counts(model),
-            **evaluation(ckpt, args.n_samples, args.out / "eval" / f"{name}.json"),
+            **evaluation(ckpt, args.n_samples, args.eval_dir / f"{name}.json"),
             "train_images_per_s": training_images_per_s(ckpt, args.train_steps, args.warmup),
             "sample_images_per_s": sampling(ckpt, args.repeats, args.out / f"grid_{name}.png"),
         }
