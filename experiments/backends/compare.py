@@ -4,7 +4,8 @@
 
 For each checkpoint, in one process so machine noise hits all alike:
 - the evaluation of `python -m text2img.evaluate` on the test prompts (FID/KID/IS on EfficientNet-Lite0
-  features, LiT alignment with its real-image ceiling, diversity among samples of one prompt);
+  features, LiT alignment with its real-image ceiling, diversity among samples of one prompt, PSNR/SSIM
+  of autoencoders' reconstructions), its report kept in `outputs/backends/eval/` and reused by a re-run;
 - training images/s: training steps of the checkpoint's own configuration, timed after warm-up (median);
 - sampling images/s: `generate` on 100 test prompts at the generator's default settings (median of repeats);
 - parameter counts: what generates an image (fusion head + generator network, UNet or VAE decoder), the
