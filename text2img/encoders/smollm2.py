@@ -64,7 +64,7 @@ class SmolLM2Encoder(HFTextEncoder):
     def __init__(
         self, hidden_size: int = 576, cache_dir: str | Path = "~/.cache/text2img/models", **options: Any
     ) -> None:
-        """`options` are `HFTextEncoder`'s (layer, max_length, pooling, template, dtype, batch_size, trainable)."""
+        """`options`: the rest of `HFTextEncoder`'s arguments (layer, layer_mean, template, chat_template...)."""
         package_dir()  # fail at construction, not at the first encode, when the package is missing
         version = importlib.metadata.version(PACKAGE)
         super().__init__(model=f"{PACKAGE}=={version}/{GGUF_FILE}", hidden_size=hidden_size, **options)

@@ -37,7 +37,7 @@ class TinyEncoder(HFTextEncoder):
     """Deterministic for a given `seed` and `hidden_size`; builds in milliseconds."""
 
     def __init__(self, hidden_size: int = 64, max_length: int = 16, seed: int = 0, **options: Any) -> None:
-        """`options` are `HFTextEncoder`'s (layer, pooling, template, batch_size, trainable)."""
+        """`options`: the rest of `HFTextEncoder`'s arguments (layer, layer_mean, template, chat_template...)."""
         super().__init__(
             model=f"tiny-gpt2-{hidden_size}d-seed{seed}", hidden_size=hidden_size, max_length=max_length, **options
         )
