@@ -8,6 +8,12 @@ import torch
 from torch import Tensor
 
 
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """[B, L, D] -> [B, D], the mean over the real tokens (mask True) only."""
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 @dataclass
 class TextEmbedding:
     """What a text encoder returns for a batch of captions.

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor, nn
 
+from text2img.errors import ConfigError
 from text2img.types import Conditioning, TextEmbedding
 
 
@@ -26,3 +27,16 @@ class FusionHead(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, text: TextEmbedding, timestep: Tensor | None = None) -> Conditioning: ...
+
+
+def feature_norm(kind: str, dim: int) -> nn.Module:
+    """Normalisation applied to raw LLM features, whose scale varies by layer and carries outliers."""
+    if kind == "layer":
+        return nn.LayerNorm(dim)
+    if kind == "rms":
+        return nn.RMSNorm(dim)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"fusion.norm={kind!r} is not a normalisation; use one of: layer, rms, none")
+
+

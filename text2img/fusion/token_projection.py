@@ -4,19 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from text2img.fusion.base import FusionHead
-from text2img.types import Conditioning, TextEmbedding
-
-
-def feature_norm(kind: str, dim: int) -> nn.Module:
-    """Normalisation applied to raw LLM features, whose scale varies by layer and carries outliers."""
-    if kind == "layer":
-        return nn.LayerNorm(dim)
-    if kind == "rms":
-        return nn.RMSNorm(dim)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"fusion.norm={kind!r} is not a normalisation; use one of: layer, rms, none")
+from text2img.fusion.base import FusionHead, feature_norm
+from text2img.types import Conditioning, TextEmbedding, masked_mean
 
 
 class TokenProjection(FusionHead):
@@ -42,7 +31,5 @@ class TokenProjection(FusionHead):
             )
 
     def forward(self, text: TextEmbedding, timestep: Tensor | None = None) -> Conditioning:
-        mask = text.mask.unsqueeze(-1)
-        tokens = self.proj(self.norm(text.tokens)) * mask
-        vector = tokens.sum(1) / mask.sum(1).clamp(min=1)
-        return Conditioning(tokens=tokens, mask=text.mask, vector=vector)
+        tokens = self.proj(self.norm(text.tokens)) * text.mask.unsqueeze(-1)
+        return Conditioning(tokens=tokens, mask=text.mask, vector=masked_mean(tokens, text.mask))

@@ -16,8 +16,7 @@ from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator, check_one_pass_sampling
 from text2img.generators.gan_blocks import DownBlock, ModulatedUpBlock, TokenCrossAttention, leaky_relu
-from text2img.metrics.lit import masked_mean
-from text2img.types import Conditioning, TextEmbedding
+from text2img.types import Conditioning, TextEmbedding, masked_mean
 
 BASE_SIZE = 4  # both networks work at 4x4 at their narrow end
 

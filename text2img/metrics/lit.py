@@ -53,7 +53,7 @@ from text2img.encoders.cache import EmbeddingCache, cache_key
 from text2img.files import build_once
 from text2img.metrics.features import RealFeatureCache, extractor_identity
 from text2img.metrics.frozen import FrozenNetwork, ImageFeatureExtractor
-from text2img.types import TextEmbedding
+from text2img.types import TextEmbedding, masked_mean
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,6 @@ class LiTConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     init_temperature: float = 0.07
-
-
-def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """[B, L, D] -> [B, D], the mean over the real tokens only."""
-    weights = mask.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 class TextTower(nn.Module):
