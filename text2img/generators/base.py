@@ -65,6 +65,12 @@ class Generator(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
 
 
+def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> Tensor:
+    """Standard normal noise [B, *shape], row i drawn from `generators[i]` on the CPU: a seed gives the same
+    sample on every device and in any batch."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
 def check_one_pass_sampling(generator_name: str, guidance_scale: float | None, steps: int | None) -> None:
     """Generators that draw an image in one pass (GAN, VAE) take neither guidance nor a step count; say so
     instead of silently ignoring them (1, no guidance, is accepted)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from text2img.fusion.base import FusionHead
 from text2img.errors import ConfigError
-from text2img.generators.base import Generator
+from text2img.generators.base import Generator, per_sample_noise
 from text2img.types import TextEmbedding
 
 
@@ -191,10 +191,7 @@ class DiffusionGenerator(Generator):
         scheduler.set_timesteps(steps, device=device)
         guided = guidance_scale != 1.0
         both = TextEmbedding.cat([text, null_text]) if guided else text
-        # Noise is drawn per sample from CPU generators: a seed gives the same image on every device,
-        # in any batch.
-        shape = (self.model_channels, self.model_size, self.model_size)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+        noise = per_sample_noise((self.model_channels, self.model_size, self.model_size), generators, device)
         timesteps = scheduler.timesteps
         x0 = keep = None
         if edit is None:

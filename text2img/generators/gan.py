@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
-from text2img.generators.base import Generator, check_one_pass_sampling
+from text2img.generators.base import Generator, check_one_pass_sampling, per_sample_noise
 from text2img.generators.gan_blocks import DownBlock, ModulatedUpBlock, TokenCrossAttention, leaky_relu
 from text2img.types import Conditioning, TextEmbedding, masked_mean
 
@@ -252,6 +252,5 @@ class GANGenerator(Generator):
         steps: int | None = None,
     ) -> Tensor:
         check_one_pass_sampling("gan", guidance_scale, steps)
-        # One noise vector per sample from its own CPU generator: an image does not depend on its batch.
-        noise = torch.stack([torch.randn(self.noise_dim, generator=g) for g in generators])
-        return self.fake(text, fusion, noise.to(text.tokens.device)).float().clamp(-1, 1)
+        noise = per_sample_noise((self.noise_dim,), generators, text.tokens.device)
+        return self.fake(text, fusion, noise).float().clamp(-1, 1)

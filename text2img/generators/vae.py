@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
-from text2img.generators.base import Generator, check_one_pass_sampling
+from text2img.generators.base import Generator, check_one_pass_sampling, per_sample_noise
 from text2img.metrics.effnet import EfficientNetLite0Features
 from text2img.types import TextEmbedding
 
@@ -206,9 +206,7 @@ class VAEGenerator(Generator):
         steps: int | None = None,
     ) -> Tensor:
         check_one_pass_sampling("vae", guidance_scale, steps)
-        # One CPU generator per sample: a seed gives the same latent on every device and in any batch.
-        z = torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators])
-        z = z.to(text.tokens.device)
+        z = per_sample_noise(self.latent_shape, generators, text.tokens.device)
         vector = self.text_vector(text, fusion)
         if vector is not None:
             prior = self.prior(vector)
