@@ -65,15 +65,19 @@ def user_error(exc: BaseException) -> SystemExit | None:
     return SystemExit(f"text2img: error: {cause}") if isinstance(cause, USER_ERRORS) else None
 
 
+def trainer_clip_value(model: L.LightningModule, configured: float | None) -> float | None:
+    """The Trainer's gradient_clip_val: Lightning refuses one with manual optimisation (model=gan), whose
+    module clips with the configured value itself."""
+    return configured if model.automatic_optimization else None
+
+
 def build(cfg: DictConfig) -> Run:
     """Build data, model and trainer; every user mistake surfaces here, before any training."""
     ensure_first_stage(cfg)  # latent diffusion without a first stage: train one first (a nested run)
     datamodule, model = build_model(cfg)
-    # Lightning refuses a clip value with manual optimisation (model=gan); such a module clips with it itself.
-    manual = {} if model.automatic_optimization else {"gradient_clip_val": None}
     trainer = instantiate(
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")),
-        **manual,
+        gradient_clip_val=trainer_clip_value(model, cfg.trainer.gradient_clip_val),
     )
     return Run(datamodule, model, trainer)
 

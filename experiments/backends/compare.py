@@ -38,7 +38,7 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 from text2img.checkpoint import load_checkpoint, load_model  # noqa: E402
 from text2img.evaluate import evaluate  # noqa: E402
 from text2img.grid import captioned_grid  # noqa: E402
-from text2img.train import build_model  # noqa: E402
+from text2img.train import build_model, trainer_clip_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -70,8 +70,7 @@ def training_images_per_s(ckpt: str, steps: int, warmup: int) -> float:
         accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False, callbacks=[timer],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         precision=run_cfg.trainer.precision,
-        # a module that optimises manually (GAN) clips its own gradients; Lightning refuses the setting then
-        gradient_clip_val=run_cfg.trainer.gradient_clip_val if model.automatic_optimization else None,
+        gradient_clip_val=trainer_clip_value(model, run_cfg.trainer.gradient_clip_val),
     )
     trainer.fit(model, datamodule=datamodule)
     # A GAN's global step counts its D and G optimiser steps: time per batch is what compares.
