@@ -320,3 +320,39 @@ def test_a_folder_that_is_not_an_export_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as error:
         Text2ImgPipeline.from_folder(tmp_path)
     assert one_line(error) == f"{tmp_path} holds no text2img.json; pass a folder written by text2img.export"
+
+
+def tiny_pixel_module(fusion: FusionHead, time_vector: bool = False) -> tuple[Text2ImgModule, TinyEncoder]:
+    """Pixel diffusion on 16-px images with a tiny UNet and the given head (in 64, out 32), weights randomised."""
+    from text2img.generators import DiffusionGenerator
+
+    torch.manual_seed(0)
+    unet = partial(
+        UNet2DConditionModel, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    generator = DiffusionGenerator(
+        unet=unet, noise_scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type="epsilon"),
+        sampler=DPMSolverMultistepScheduler, image_size=16, cond_dim=32, patch_size=2, sample_steps=3,
+        guidance_scale=2.0, time_vector=time_vector,
+    )
+    model = Text2ImgModule(fusion, generator, text_dim=64, optimizer=torch.optim.AdamW)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.eval(), TinyEncoder(hidden_size=64, max_length=24)
+
+
+@pytest.mark.parametrize("time_vector", [False, True], ids=["timestep_aware", "time_vector"])
+def test_timestep_aware_and_time_vector_models_export_with_the_same_images(tmp_path: Path, time_vector: bool) -> None:
+    from text2img.fusion import TimestepAwarePerceiver
+
+    head = TimestepAwarePerceiver(64, 32, num_latents=4, heads=4, time_channels=16)
+    model, encoder = tiny_pixel_module(head, time_vector)
+    out = write_export(model, encoder, tmp_path / "model")
+    pipe = Text2ImgPipeline.from_folder(out)
+    assert pipe.unet.config.class_embed_type == ("projection" if time_vector else None)
+    images = pipe(PROMPTS, seed=SEEDS, output_type="pt")
+    expected = model.generate(encoder.encode(PROMPTS), SEEDS)
+    assert images.shape == expected.shape == (4, 3, 16, 16)
+    assert (images - expected).abs().max() <= TOLERANCE

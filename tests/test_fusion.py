@@ -1,5 +1,7 @@
-"""Fusion heads pooled_mlp and perceiver: shapes, masks, gradients, export, the generators they can drive."""
+"""Fusion heads pooled_mlp, perceiver, timestep_aware and film: shapes, masks, gradients, export, the generators
+they can drive."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,10 @@ from hydra.utils import instantiate
 from conftest import compose_train, smoke_overrides
 from text2img.errors import ConfigError
 from text2img.export import export_fusion
-from text2img.fusion import FusionHead, PerceiverResampler, PooledMLP
-from text2img.generators import GANGenerator, Generator, check_compatible
+from text2img.fusion import FiLMHead, FusionHead, PerceiverResampler, PooledMLP, TimestepAwarePerceiver, build_fusion
+from text2img.generators import DiffusionGenerator, GANGenerator, Generator, check_compatible
 from text2img.train import train
-from text2img.types import TextEmbedding
+from text2img.types import Conditioning, TextEmbedding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -134,25 +136,61 @@ def test_bad_settings_are_one_line_config_errors(head, settings, message):
 
 
 def smoke_pair(tmp_path: Path, fusion: str, generator: str, *extra: str) -> tuple[FusionHead, Generator]:
+    """Head and generator of a debug=smoke config, built as train.build_model builds them."""
     cfg = compose_train(tmp_path, ["debug=smoke", f"fusion={fusion}", f"generator={generator}", *extra])
     torch.manual_seed(0)
-    return instantiate(cfg.fusion), instantiate(cfg.generator)
+    backend = instantiate(cfg.generator)
+    return build_fusion(cfg.fusion, backend, fusion, generator), backend
 
 
 def first_stage(generator: str, tiny_first_stage: Path) -> list[str]:
     return [f"generator.first_stage.source={tiny_first_stage}"] if generator == "ldm" else []
 
 
-@pytest.mark.parametrize("generator", ["diffusion", "ldm", "gan", "vae"])
-@pytest.mark.parametrize("fusion", ["pooled_mlp", "perceiver"])
-def test_compatibility_with_each_backend(fusion, generator, tmp_path, tiny_first_stage):
-    head, backend = smoke_pair(tmp_path, fusion, generator, *first_stage(generator, tiny_first_stage))
-    if fusion == "pooled_mlp" and generator in ("diffusion", "ldm"):
-        expected = r"produces \['vector'\] but the generator consumes \['tokens'\]"
-        with pytest.raises(ConfigError, match=expected):
-            check_compatible(head, backend, fusion, generator)
-    else:
-        check_compatible(head, backend, fusion, generator)
+# Generator variants, by their overrides; and the pairings that cannot work, with what their error says.
+BACKENDS = {
+    "diffusion": [], "diffusion-time_vector": ["generator.time_vector=true"], "ldm": [], "gan": [],
+    "gan-attention": ["generator.attention=true", "generator.attention_resolution=8"], "vae": [],
+    "vae-unconditional": ["generator.conditional=false"],
+}
+NO_FILM_LAYERS, NO_TIMESTEPS = "has no FiLM layers; use generator=gan or ", "a timestep-aware head needs a generator"
+BAD_PAIRS = {
+    ("pooled_mlp", "diffusion"): "consumes ['tokens']; choose a fusion head that produces tokens",
+    ("pooled_mlp", "diffusion-time_vector"): "consumes ['tokens', 'vector']; choose a fusion head that produces tokens",
+    ("pooled_mlp", "ldm"): "consumes ['tokens']; choose a fusion head that produces tokens",
+    ("pooled_mlp", "gan-attention"): "consumes ['tokens', 'vector']; choose a fusion head that produces tokens",
+    ("film", "diffusion"): NO_FILM_LAYERS + "a head that produces tokens",
+    ("film", "diffusion-time_vector"): NO_FILM_LAYERS + "a head that produces tokens or vector",
+    ("film", "ldm"): NO_FILM_LAYERS + "a head that produces tokens",
+    ("film", "gan-attention"): "consumes ['film', 'tokens']; choose a fusion head that produces tokens",
+    ("film", "vae"): NO_FILM_LAYERS + "a head that produces vector",
+    ("film", "vae-unconditional"): NO_FILM_LAYERS + "another fusion head",
+    ("timestep_aware", "gan"): NO_TIMESTEPS,
+    ("timestep_aware", "gan-attention"): NO_TIMESTEPS,
+    ("timestep_aware", "vae"): NO_TIMESTEPS,
+    ("timestep_aware", "vae-unconditional"): NO_TIMESTEPS,
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("fusion", ["token_projection", "pooled_mlp", "perceiver", "timestep_aware", "film"])
+def test_compatibility_with_each_backend(fusion, backend, tmp_path, tiny_first_stage):
+    """Every pairing that can work builds; every other one fails at build time in one line naming both."""
+    generator = backend.split("-")[0]
+    overrides = BACKENDS[backend] + first_stage(generator, tiny_first_stage)
+
+    def build() -> None:
+        head, built = smoke_pair(tmp_path, fusion, generator, *overrides)
+        check_compatible(head, built, fusion, generator)
+
+    if (fusion, backend) not in BAD_PAIRS:
+        build()
+        return
+    with pytest.raises(ConfigError) as error:
+        build()
+    message = str(error.value)
+    assert message.startswith(f"fusion={fusion} with generator={generator}: ") and "\n" not in message
+    assert BAD_PAIRS[fusion, backend] in message
 
 
 @pytest.mark.parametrize("generator", ["diffusion", "ldm"])
@@ -165,7 +203,7 @@ def test_pooled_mlp_with_a_token_backend_fails_at_build_naming_both(
         train(cfg)
     assert str(exc.value.code) == (
         f"text2img: error: fusion=pooled_mlp with generator={generator}: the head produces ['vector'] "
-        "but the generator consumes ['tokens']; choose a fusion head that produces one of those"
+        "but the generator consumes ['tokens']; choose a fusion head that produces tokens"
     )
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
 
@@ -178,6 +216,9 @@ def test_pooled_mlp_with_a_token_backend_fails_at_build_naming_both(
         ("perceiver", "gan", ["generator.attention=true", "generator.attention_resolution=8"]),
         ("perceiver", "vae", []),
         ("perceiver", "diffusion", []),
+        ("timestep_aware", "diffusion", []),
+        ("token_projection", "diffusion", ["generator.time_vector=true"]),
+        ("film", "gan", []),
     ],
 )
 def test_optimisation_steps_train_the_head(fusion, generator, extra, tmp_path):
@@ -194,9 +235,10 @@ def test_optimisation_steps_train_the_head(fusion, generator, extra, tmp_path):
 
     before = {name: p.detach().clone() for name, p in head.named_parameters()}
     optimizer = torch.optim.Adam([*head.parameters(), *backend.parameters()], lr=1e-3)
-    # The GAN's FiLM and attention start as the identity (zero last layers): the text has no gradient until
-    # a first step has moved them.
-    for _ in range(2 if isinstance(backend, GANGenerator) else 1):
+    # The GAN's FiLM and attention, the film head's output layers and the timestep modulation start at zero:
+    # what feeds them has no gradient until a first step has moved them.
+    zero_start = isinstance(backend, GANGenerator) or fusion in ("timestep_aware", "film")
+    for _ in range(2 if zero_start else 1):
         optimizer.zero_grad()
         value = loss()
         assert torch.isfinite(value)
@@ -222,3 +264,123 @@ def test_perceiver_exports_with_dynamic_batch_and_length(tmp_path):
         expected = head(captions)
         torch.testing.assert_close(tokens, expected.tokens)
         assert torch.equal(mask, expected.mask)
+
+
+# --- timestep_aware -----------------------------------------------------------------------------------------
+
+
+def timestep_aware_from(plain: PerceiverResampler) -> TimestepAwarePerceiver:
+    """A timestep-aware head holding `plain`'s weights (its own timestep layers freshly initialised)."""
+    head = TimestepAwarePerceiver(TEXT_DIM, COND_DIM, num_latents=5, depth=2, heads=4, time_channels=16, time_dim=8)
+    missing, unexpected = head.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("modulation" in name or name.startswith("time_") for name in missing)
+    return head
+
+
+def test_timestep_aware_starts_as_the_plain_perceiver_and_learns_to_depend_on_the_timestep():
+    torch.manual_seed(0)
+    plain = PerceiverResampler(TEXT_DIM, COND_DIM, num_latents=5, depth=2, heads=4)
+    head, captions = timestep_aware_from(plain), text()
+    early, late = torch.full((3,), 999), torch.tensor([0, 10, 20])
+    for timestep in (early, late, torch.tensor([3.5, 700.0, 1.0])):  # the samplers' int64, or floats
+        cond = head(captions, timestep)
+        torch.testing.assert_close(cond.tokens, plain(captions).tokens, rtol=0, atol=0)
+        torch.testing.assert_close(cond.vector, plain(captions).vector, rtol=0, atol=0)
+    # one step towards different targets at different timesteps: the output now depends on the timestep
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    loss = head(captions, early).tokens.sub(1).square().mean() + head(captions, late).tokens.add(1).square().mean()
+    loss.backward()
+    optimizer.step()
+    assert not torch.allclose(head(captions, early).tokens, head(captions, late).tokens)
+
+
+def test_timestep_aware_broadcasts_a_scalar_timestep_and_needs_one():
+    head, captions = TimestepAwarePerceiver(TEXT_DIM, COND_DIM, heads=4).eval(), text()
+    for parameter in head.parameters():  # away from the zero start, so the timestep matters
+        parameter.data.add_(torch.randn_like(parameter) * 0.1)
+    expected = head(captions, torch.full((3,), 250)).tokens
+    torch.testing.assert_close(head(captions, torch.tensor(250)).tokens, expected)
+    torch.testing.assert_close(head(captions, torch.tensor(250).expand(3)).tokens, expected)
+    with pytest.raises(ValueError, match="needs the diffusion timestep"):
+        head(captions)
+
+
+def test_timestep_aware_exports_with_dynamic_batch_and_length(tmp_path):
+    head = TimestepAwarePerceiver(TEXT_DIM, COND_DIM, num_latents=5, heads=4).eval()
+    for parameter in head.parameters():
+        parameter.data.add_(torch.randn_like(parameter) * 0.1)
+    export_fusion(head, torch.int64, tmp_path / "fusion.pt2")
+    program = torch.export.load(tmp_path / "fusion.pt2").module()
+    outputs = []
+    for batch, length, real in [(3, 6, (6, 4, 1)), (1, 13, (9,))]:
+        captions = text(batch, length, real)
+        for timestep in (torch.full((batch,), 900), torch.arange(batch) * 7):
+            tokens, mask = program(captions.tokens, captions.mask, captions.pooled, timestep)
+            torch.testing.assert_close(tokens, head(captions, timestep).tokens)
+            outputs.append(tokens)
+    assert not torch.allclose(outputs[0], outputs[1])  # the program reads the timestep
+
+
+# --- film ---------------------------------------------------------------------------------------------------
+
+
+def test_film_head_gives_one_unit_scale_and_zero_shift_per_layer_at_start():
+    head = FiLMHead(TEXT_DIM, COND_DIM, film_channels=[8, 8, 16], hidden_dim=16)
+    cond = head(text())
+    assert cond.tokens is None and cond.vector is None and len(cond.film) == 3
+    for (scale, shift), channels in zip(cond.film, [8, 8, 16]):
+        assert scale.shape == shift.shape == (3, channels)
+        assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(shift, torch.zeros_like(shift))
+    with pytest.raises(ConfigError, match="fusion.film_channels is not set; build the head with"):
+        FiLMHead(TEXT_DIM, COND_DIM)
+
+
+def test_film_head_drives_the_gans_film_layers(tmp_path):
+    cfg = compose_train(tmp_path, ["debug=smoke", "fusion=film", "generator=gan"])
+    torch.manual_seed(0)
+    gan = instantiate(cfg.generator)
+    vector_gan = copy.deepcopy(gan)  # the same weights, its FiLM predicted from the vector
+    head = build_fusion(cfg.fusion, gan, "film", "gan")
+    assert head.film_channels == gan.film_channels and len(gan.film_channels) == 4 * len(gan.net.blocks)
+    assert gan.requires == {"film"} and not any(".mlp." in name for name, _ in gan.net.named_parameters())
+    captions, noise = text(dim=head.in_dim), torch.randn(3, gan.noise_dim, generator=torch.Generator().manual_seed(2))
+    unmodulated = Conditioning(film=tuple((torch.ones(3, c), torch.zeros(3, c)) for c in gan.film_channels))
+    # zero-initialised: exactly the unmodulated generator, which is also where the vector-driven GAN starts
+    start = gan.net(noise, head(captions))
+    assert torch.equal(start, gan.net(noise, unmodulated))
+    vector = Conditioning(vector=torch.randn(3, gan.cond_dim))
+    torch.testing.assert_close(start, vector_gan.net(noise, vector))
+    # the head's parameters do reach the image, one layer at a time
+    with torch.no_grad():
+        head.to_film[-1].bias[0] = 0.5
+    assert not torch.allclose(gan.net(noise, head(captions)), start)
+    # and every parameter of head and generator network trains (no predictor is left unused)
+    optimizer = torch.optim.SGD([*head.parameters(), *gan.net.parameters()], lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        gan.generator_loss(gan.fake(captions, head, noise), captions).backward()
+        optimizer.step()
+    params = [*head.named_parameters(), *gan.net.named_parameters()]
+    missing = [name for name, p in params if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches {missing}"
+
+
+# --- generator.time_vector ----------------------------------------------------------------------------------
+
+
+def test_time_vector_adds_the_vector_to_the_unets_timestep_embedding(tmp_path):
+    _, plain = smoke_pair(tmp_path, "token_projection", "diffusion")
+    head, generator = smoke_pair(tmp_path, "token_projection", "diffusion", "generator.time_vector=true")
+    assert isinstance(generator, DiffusionGenerator) and generator.requires == {"tokens", "vector"}
+    assert plain.unet.config.class_embed_type is None and generator.unet.config.class_embed_type == "projection"
+    unet = generator.unet.eval()
+    size = unet.config.sample_size
+    x, t = torch.randn(2, unet.config.in_channels, size, size), torch.tensor([10, 500])
+    cond = head(text(2, 6, (6, 3), dim=head.in_dim))
+
+    def predict(vector: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, cond.tokens, encoder_attention_mask=cond.mask, class_labels=vector).sample
+
+    assert not torch.allclose(predict(cond.vector), predict(cond.vector.flip(0)))
+    with pytest.raises(ValueError, match="class_labels should be provided"):
+        unet(x, t, cond.tokens, encoder_attention_mask=cond.mask)

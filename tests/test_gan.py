@@ -151,7 +151,7 @@ def test_film_starts_as_the_identity():
 
 def test_cross_attention_on_tokens_is_optional():
     gan, head = tiny_gan(attention=True, attention_resolution=8, attention_heads=2), TokenProjection(TEXT_DIM, COND_DIM)
-    assert gan.consumes == {"vector", "tokens"} and tiny_gan().consumes == {"vector"}
+    assert gan.requires == {"vector", "tokens"} and tiny_gan().requires == {"vector"}
     gan.net.attention.gate.data.fill_(1.0)
     prompts = text()
     loss = gan.generator_loss(gan.fake(prompts, head, torch.randn(4, 8)), prompts)

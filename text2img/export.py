@@ -37,28 +37,32 @@ from text2img.fusion.base import FusionHead
 from text2img.generators.diffusion import DiffusionGenerator
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgModule
+from text2img.lora import merged_copy
 from text2img.train import user_error
 from text2img.types import TextEmbedding
 
 
 class FusionProgram(nn.Module):
-    """A fusion head on plain tensors, for `torch.export`: (tokens, mask, pooled, timestep) -> (tokens, mask)."""
+    """A fusion head on plain tensors, for `torch.export`: (tokens, mask, pooled, timestep) -> (tokens, mask), and
+    the vector too with `vector` (for a UNet that adds it to its timestep embedding, `generator.time_vector`)."""
 
-    def __init__(self, fusion: FusionHead) -> None:
+    def __init__(self, fusion: FusionHead, vector: bool = False) -> None:
         super().__init__()
         self.fusion = fusion
+        self.vector = vector
 
-    def forward(self, tokens: Tensor, mask: Tensor, pooled: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, mask: Tensor, pooled: Tensor, timestep: Tensor) -> tuple[Tensor, ...]:
         text = TextEmbedding(tokens, mask, pooled)
         cond = self.fusion(text, timestep if self.fusion.timestep_aware else None)
-        return cond.tokens, cond.mask
+        return (cond.tokens, cond.mask, cond.vector) if self.vector else (cond.tokens, cond.mask)
 
 
-def export_fusion(fusion: FusionHead, timestep_dtype: torch.dtype, path: Path) -> None:
+def export_fusion(fusion: FusionHead, timestep_dtype: torch.dtype, path: Path, vector: bool = False) -> None:
     """Trace the head (eval mode) with a dynamic batch and sequence length; save it without pickles.
 
     Every head takes the timestep (timestep-aware ones use it), so the loader runs any head the same way;
-    it has the dtype of the sampler's timesteps, which is what the head receives in text2img.
+    it has the dtype of the sampler's timesteps, which is what the head receives in text2img. `vector` adds the
+    head's vector to the outputs (see `FusionProgram`); without it the program is the one of earlier exports.
     """
     batch, length = Dim("batch", min=1), Dim("length", min=1)
     example = (
@@ -70,14 +74,19 @@ def export_fusion(fusion: FusionHead, timestep_dtype: torch.dtype, path: Path) -
     dynamic = {
         "tokens": {0: batch, 1: length}, "mask": {0: batch, 1: length}, "pooled": {0: batch}, "timestep": {0: batch},
     }
-    program = torch.export.export(FusionProgram(fusion).eval(), example, dynamic_shapes=dynamic, strict=False)
+    program = torch.export.export(FusionProgram(fusion, vector).eval(), example, dynamic_shapes=dynamic, strict=False)
     program.example_inputs = None  # stored with torch.save (a pickle) otherwise; the weights are raw bytes
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)
 
 
-def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path) -> dict[str, Any]:
-    """The encoder's settings for the loader; with `copy`, its weights and tokenizer are saved to `folder`."""
+def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path, tuned: bool = False) -> dict[str, Any]:
+    """The encoder's settings for the loader; with `copy`, its weights and tokenizer are saved to `folder`.
+
+    A `tuned` encoder (trained with the model) is always copied, its LoRA merged: its reference names the base
+    weights, which would silently drop the tuning; `"tuned": true` in text2img.json says so.
+    """
+    copy = copy or tuned
     reference = encoder.reference()
     if not copy and reference is None:
         raise ConfigError(
@@ -88,13 +97,14 @@ def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path) -> d
     if copy:
         encoder.load()
         assert encoder.model is not None and encoder.tokenizer is not None
-        encoder.model.save_pretrained(folder)
+        merged_copy(encoder.model).save_pretrained(folder)
         encoder.tokenizer.save_pretrained(folder)
         # The loaded model keeps only the layers up to the one read: address that layer by its index.
         layer = encoder.hidden_index
     return {
         "weights": folder.name if copy else None,
         "reference": reference,
+        "tuned": tuned,
         "identity": encoder.identity(),
         "hidden_size": encoder.hidden_size,
         "layer": layer,
@@ -128,9 +138,18 @@ def write_export(
     """Write `model` (its current weights) and `encoder` to `out` in the layout `text2img.pipeline` reads.
 
     The folder appears whole or not at all (written beside it, then renamed). `source` is provenance for
-    text2img.json (checkpoint path, step).
+    text2img.json (checkpoint path, step). LoRA adapters are merged into copies of their bases, so the folder
+    holds plain diffusers/transformers models. A text encoder trained with the model (`model.encoder`, set
+    when it is trainable) is exported in place of `encoder`, always copied.
     """
     source = source or {}
+    tuned_encoder = getattr(model, "encoder", None)
+    if tuned_encoder is not None:
+        if not isinstance(tuned_encoder, HFTextEncoder):
+            raise ConfigError(
+                f"export needs a transformers text encoder; the model's tuned encoder is {type(tuned_encoder).__name__}"
+            )
+        encoder = tuned_encoder
     generator = model.generator
     if not isinstance(generator, DiffusionGenerator):
         raise ConfigError(
@@ -143,11 +162,13 @@ def write_export(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        generator.unet.save_pretrained(tmp / pipeline.UNET_DIR)
+        merged_copy(generator.unet).save_pretrained(tmp / pipeline.UNET_DIR)
         sampler.save_pretrained(tmp / pipeline.SCHEDULER_DIR)
         if isinstance(generator, LatentDiffusionGenerator):
             save_first_stage(generator, tmp / pipeline.VAE_DIR)
-        export_fusion(model.fusion, sampler.timesteps.dtype, tmp / pipeline.FUSION_FILE)
+        # The timesteps' dtype once set (some samplers hold float placeholders before): what the loader passes.
+        sampler.set_timesteps(generator.sample_steps)
+        export_fusion(model.fusion, sampler.timesteps.dtype, tmp / pipeline.FUSION_FILE, vector=generator.time_vector)
         null_text = {"tokens": model.null_tokens, "pooled": model.null_pooled}
         save_file({name: value.detach().float().contiguous() for name, value in null_text.items()},
                   tmp / pipeline.NULL_TEXT_FILE)
@@ -167,7 +188,9 @@ def write_export(
                 "sample_steps": generator.sample_steps,
                 "num_train_timesteps": generator.noise_scheduler.config.num_train_timesteps,
             },
-            "text_encoder": text_encoder_settings(encoder, copy_encoder, tmp / pipeline.TEXT_ENCODER_DIR),
+            "text_encoder": text_encoder_settings(
+                encoder, copy_encoder, tmp / pipeline.TEXT_ENCODER_DIR, tuned=tuned_encoder is not None
+            ),
         }
         (tmp / pipeline.SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         shutil.copyfile(pipeline.__file__, tmp / pipeline.LOADER_FILE)
@@ -192,6 +215,8 @@ def readme(settings: dict[str, Any], prediction_type: str, has_vae: bool) -> str
     reference = json.dumps(text["reference"])
     if text["weights"] and text["reference"] is None:
         encoder = f"copied into `{text['weights']}/` (weights and tokenizer; text2img builds them in code)"
+    elif text["weights"] and text.get("tuned"):
+        encoder = f"copied into `{text['weights']}/` (weights, LoRA merged, and tokenizer), fine-tuned from {reference}"
     elif text["weights"]:
         encoder = f"copied into `{text['weights']}/` (weights and tokenizer) from {reference}"
     else:

@@ -298,11 +298,16 @@ class Text2ImgPipeline:
         )
 
     def _denoise(self, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> Tensor:
-        """The model's prediction for x at timesteps t; the fusion head runs at every step (it may use t)."""
-        cond_tokens, cond_mask = self.fusion(tokens, mask, pooled, t)
+        """The model's prediction for x at timesteps t; the fusion head runs at every step (it may use t).
+
+        A UNet with a class embedding adds the head's vector to its timestep embedding (`generator.time_vector`);
+        its fusion program then returns the vector as a third output.
+        """
+        cond_tokens, cond_mask, *vector = self.fusion(tokens, mask, pooled, t)
         patch = self.sampling.patch_size
         out = self.unet(
-            F.pixel_unshuffle(x, patch), t, encoder_hidden_states=cond_tokens, encoder_attention_mask=cond_mask
+            F.pixel_unshuffle(x, patch), t, encoder_hidden_states=cond_tokens, encoder_attention_mask=cond_mask,
+            class_labels=vector[0] if self.unet.config.class_embed_type is not None else None,
         ).sample
         return F.pixel_shuffle(out, patch)
 

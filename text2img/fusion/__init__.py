@@ -1,6 +1,17 @@
 from text2img.fusion.base import FusionHead
+from text2img.fusion.build import build_fusion
+from text2img.fusion.film import FiLMHead
 from text2img.fusion.perceiver import PerceiverResampler
 from text2img.fusion.pooled_mlp import PooledMLP
+from text2img.fusion.timestep_aware import TimestepAwarePerceiver
 from text2img.fusion.token_projection import TokenProjection
 
-__all__ = ["FusionHead", "PerceiverResampler", "PooledMLP", "TokenProjection"]
+__all__ = [
+    "FiLMHead",
+    "FusionHead",
+    "PerceiverResampler",
+    "PooledMLP",
+    "TimestepAwarePerceiver",
+    "TokenProjection",
+    "build_fusion",
+]

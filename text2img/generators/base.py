@@ -15,13 +15,17 @@ from text2img.types import TextEmbedding
 class Generator(nn.Module, ABC):
     """An image generator conditioned on the output of a fusion head.
 
-    `consumes` names the conditioning fields it reads ("tokens" for cross-attention, "vector");
-    `cond_dim` is the size the fusion head must produce; `has_timesteps` says whether a
+    `requires` names the conditioning fields it cannot run without ("tokens" for cross-attention, "vector",
+    "film"): the fusion head must produce all of them; `consumes` those it reads (required or not);
+    `film_channels` the channels of its FiLM layers, in order, when it takes per-layer FiLM parameters
+    (`Conditioning.film`); `cond_dim` is the size the fusion head must produce; `has_timesteps` says whether a
     timestep-aware fusion head can be driven by it; `reconstructs` says whether it implements
     `reconstruct` (autoencoders), which evaluation then scores with PSNR/SSIM.
     """
 
+    requires: frozenset[str]
     consumes: frozenset[str]
+    film_channels: tuple[int, ...] = ()
     has_timesteps: bool = False
     reconstructs: bool = False
 
@@ -93,10 +97,11 @@ def check_compatible(fusion: FusionHead, generator: Generator, fusion_name: str,
             f"{pair}: the fusion head outputs {fusion.out_dim} features but the generator expects "
             f"{generator.cond_dim}; leave fusion.out_dim at its default ${{generator.cond_dim}} or make them equal"
         )
-    if not fusion.produces & generator.consumes:
+    missing = generator.requires - fusion.produces
+    if missing:
         raise ConfigError(
             f"{pair}: the head produces {sorted(fusion.produces)} but the generator consumes "
-            f"{sorted(generator.consumes)}; choose a fusion head that produces one of those"
+            f"{sorted(generator.requires)}; choose a fusion head that produces {' and '.join(sorted(missing))}"
         )
     if fusion.timestep_aware and not generator.has_timesteps:
         raise ConfigError(f"{pair}: a timestep-aware head needs a generator with timesteps; choose a diffusion generator")

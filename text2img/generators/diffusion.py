@@ -41,9 +41,11 @@ class DiffusionGenerator(Generator):
     makes 32-px training affordable on a CPU.
     `loss_weighting="min_snr"` clamps the per-timestep weight at `snr_gamma` (Hang et al. 2023),
     which speeds up convergence by not over-weighting the easy low-noise steps.
+    `time_vector=True` also adds the fusion head's vector to the UNet's timestep embedding, through diffusers'
+    projection class embedding (Linear -> SiLU -> Linear of `class_labels`), as SDXL and Imagen add pooled text.
     """
 
-    consumes = frozenset({"tokens"})
+    requires = consumes = frozenset({"tokens"})
     has_timesteps = True
 
     def __init__(
@@ -61,6 +63,7 @@ class DiffusionGenerator(Generator):
         snr_gamma: float = 5.0,
         model_channels: int = 3,
         model_size: int | None = None,
+        time_vector: bool = False,
     ) -> None:
         """`model_channels` and `model_size` describe the space diffusion runs in: the image's by default,
         a first stage's latents for subclasses (which also override `to_model_space`/`from_model_space`)."""
@@ -77,12 +80,17 @@ class DiffusionGenerator(Generator):
         self.model_channels = model_channels
         self.model_size = model_size
         channels = model_channels * patch_size**2
+        class_embedding = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": cond_dim}
         self.unet = unet(
             sample_size=model_size // patch_size,
             in_channels=channels,
             out_channels=channels,
             cross_attention_dim=cond_dim,
+            **(class_embedding if time_vector else {}),
         )
+        self.time_vector = time_vector
+        if time_vector:
+            self.requires = self.consumes = frozenset({"tokens", "vector"})
         self.noise_scheduler = noise_scheduler
         self.sampler = sampler
         self.sampler_kwargs = dict(sampler_kwargs or {})
@@ -113,6 +121,7 @@ class DiffusionGenerator(Generator):
             t,
             encoder_hidden_states=cond.tokens,
             encoder_attention_mask=cond.mask,
+            class_labels=cond.vector if self.time_vector else None,
         ).sample
         return F.pixel_shuffle(out, self.patch_size)
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator, check_one_pass_sampling, per_sample_noise
-from text2img.generators.gan_blocks import DownBlock, ModulatedUpBlock, TokenCrossAttention, leaky_relu
+from text2img.generators.gan_blocks import DownBlock, FiLM, ModulatedUpBlock, TokenCrossAttention, leaky_relu
 from text2img.types import Conditioning, TextEmbedding, masked_mean
 
 BASE_SIZE = 4  # both networks work at 4x4 at their narrow end
@@ -57,8 +57,9 @@ class ModulatedGeneratorNet(nn.Module):
     are clamped.
 
     Every block's FiLM layers see the fusion head's vector, concatenated with the noise when
-    `noise_in_film` (as DF-GAN does). With `attention_resolution` set, the features at that resolution
-    also cross-attend to the fusion head's tokens.
+    `noise_in_film` (as DF-GAN does), or take the head's per-layer `film` parameters when it gives them.
+    With `attention_resolution` set, the features at that resolution also cross-attend to the fusion head's
+    tokens.
     """
 
     def __init__(
@@ -97,11 +98,21 @@ class ModulatedGeneratorNet(nn.Module):
             self.attention = TokenCrossAttention(at, cond_dim, attention_heads)
         self.to_rgb = nn.Conv2d(channels[-1], 3, 3, padding=1)
 
+    def film_layers(self) -> list[FiLM]:
+        """Every FiLM layer, in the order of `Conditioning.film`."""
+        return [layer for block in self.blocks for layer in block.film_layers()]
+
     def forward(self, noise: Tensor, cond: Conditioning) -> Tensor:
-        film = torch.cat([noise, cond.vector], dim=1) if self.noise_in_film else cond.vector
+        if cond.film is None:
+            film_input = torch.cat([noise, cond.vector], dim=1) if self.noise_in_film else cond.vector
+            per_block = [None] * len(self.blocks)
+        else:
+            film_input = None
+            layers = len(self.film_layers()) // len(self.blocks)
+            per_block = [cond.film[i * layers:(i + 1) * layers] for i in range(len(self.blocks))]
         x = self.stem(noise).view(len(noise), -1, BASE_SIZE, BASE_SIZE)
-        for size, block in zip(self.sizes[1:], self.blocks):
-            x = block(x, film)
+        for size, block, film in zip(self.sizes[1:], self.blocks, per_block):
+            x = block(x, film_input, film)
             if size == self.attention_resolution:
                 x = self.attention(x, cond.tokens, cond.mask)
         return self.to_rgb(leaky_relu(x))
@@ -155,7 +166,8 @@ class GANGenerator(Generator):
     (`AdversarialModule`), which alternates the two objectives.
     """
 
-    consumes = frozenset({"vector"})
+    requires = frozenset({"vector"})
+    consumes = frozenset({"vector", "film"})
 
     def __init__(
         self,
@@ -177,11 +189,13 @@ class GANGenerator(Generator):
     ) -> None:
         super().__init__(image_size, cond_dim)
         if attention:
-            self.consumes = frozenset({"vector", "tokens"})
+            self.requires = self.requires | {"tokens"}
+            self.consumes = self.consumes | {"tokens"}
         self.net = ModulatedGeneratorNet(
             image_size, cond_dim, width, max_width_multiplier, noise_dim, noise_in_film,
             attention_resolution if attention else None, attention_heads, upsample,
         )
+        self.film_channels = tuple(layer.channels for layer in self.net.film_layers())
         self.discriminator = PairDiscriminator(
             image_size, text_dim, discriminator_width, max_width_multiplier, discriminator_text_features
         )
@@ -189,10 +203,17 @@ class GANGenerator(Generator):
         self.gp_weight = gp_weight
         self.gp_power = gp_power
 
+    def use_film_head(self) -> None:
+        """Take every FiLM layer's (scale, shift) from the fusion head's `film` (fusion=film) instead of
+        predicting it from the vector: the predictors are dropped, and the head must give `film`."""
+        for layer in self.net.film_layers():
+            layer.drop_predictor()
+        self.requires = (self.requires - {"vector"}) | {"film"}
+
     def fake(self, text: TextEmbedding, fusion: FusionHead, noise: Tensor) -> Tensor:
         """Generated images in [-1, 1] for the text and noise [B, noise_dim] (differentiable)."""
         cond = fusion(text)
-        missing = [name for name in sorted(self.consumes) if getattr(cond, name) is None]
+        missing = [name for name in sorted(self.requires) if getattr(cond, name) is None]
         if missing:
             raise ConfigError(
                 f"generator=gan reads the conditioning {missing} but the fusion head gives none; choose a fusion "

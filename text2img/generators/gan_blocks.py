@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# (scale, shift) pairs, each [B, C], of consecutive FiLM layers
+FiLMParameters = tuple[tuple[Tensor, Tensor], ...]
+
+
 def leaky_relu(x: Tensor) -> Tensor:
     return F.leaky_relu(x, 0.2)
 
@@ -19,17 +23,28 @@ class FiLM(nn.Module):
     The MLP's last layer starts at zero weights with gamma's bias at one, so the block starts as the
     identity (DF-GAN's affine initialisation): the text steers the features gradually instead of
     scrambling them at the first step.
+
+    Given `film`, a (scale, shift) pair [B, channels] from a fusion head (fusion=film), the layer applies it
+    instead; a layer that always takes it drops its MLP (`drop_predictor`).
     """
 
     def __init__(self, cond_dim: int, channels: int) -> None:
         super().__init__()
+        self.channels = channels
         self.mlp = nn.Sequential(nn.Linear(cond_dim, channels), nn.ReLU(), nn.Linear(channels, 2 * channels))
         nn.init.zeros_(self.mlp[-1].weight)
         with torch.no_grad():
             self.mlp[-1].bias.copy_(torch.cat([torch.ones(channels), torch.zeros(channels)]))
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        gamma, beta = self.mlp(cond)[..., None, None].chunk(2, dim=1)
+    def drop_predictor(self) -> None:
+        """For a layer whose (scale, shift) always comes from the fusion head: no unused parameters."""
+        self.mlp = None
+
+    def forward(self, x: Tensor, cond: Tensor | None, film: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if film is None:
+            gamma, beta = self.mlp(cond)[..., None, None].chunk(2, dim=1)
+        else:
+            gamma, beta = (value[..., None, None] for value in film)
         return x * gamma + beta
 
 
@@ -41,8 +56,10 @@ class TextFusion(nn.Module):
         self.first = FiLM(cond_dim, channels)
         self.second = FiLM(cond_dim, channels)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        return leaky_relu(self.second(leaky_relu(self.first(x, cond)), cond))
+    def forward(self, x: Tensor, cond: Tensor | None, film: FiLMParameters | None = None) -> Tensor:
+        """`film`: the (scale, shift) pairs of `first` and `second`, or None to predict them from `cond`."""
+        first, second = (None, None) if film is None else film
+        return leaky_relu(self.second(leaky_relu(self.first(x, cond, first)), cond, second))
 
 
 class ModulatedUpBlock(nn.Module):
@@ -58,10 +75,17 @@ class ModulatedUpBlock(nn.Module):
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor | None, film: FiLMParameters | None = None) -> Tensor:
+        """`film`: the (scale, shift) pairs of its four FiLM layers in order (see `film_layers`), or None to
+        predict them from `cond`."""
+        fuse_in, fuse_out = (None, None) if film is None else (film[:2], film[2:])
         x = F.interpolate(x, scale_factor=2.0, mode=self.upsample)
-        h = self.conv_out(self.fuse_out(self.conv_in(self.fuse_in(x, cond)), cond))
+        h = self.conv_out(self.fuse_out(self.conv_in(self.fuse_in(x, cond, fuse_in)), cond, fuse_out))
         return self.shortcut(x) + h
+
+    def film_layers(self) -> list[FiLM]:
+        """Its FiLM layers in the order `forward` takes their parameters."""
+        return [self.fuse_in.first, self.fuse_in.second, self.fuse_out.first, self.fuse_out.second]
 
 
 class TokenCrossAttention(nn.Module):

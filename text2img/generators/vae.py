@@ -99,7 +99,7 @@ class VAEGenerator(Generator):
     adds an `EffNetPerceptualLoss`.
     """
 
-    consumes = frozenset({"vector"})
+    requires = consumes = frozenset({"vector"})
     reconstructs = True
     # Measured on OpenMoji 32 px (300 steps, N(0, I) prior; kl_weight 1e-3 / 1e-2 / 0.1 / 0.3 / 1): PSNR
     # 20.1 / 20.1 / 19.7 / 19.5 / 18.1 dB, FID of prior samples 322 / 323 / 238 / 198 / 178. The conditional
@@ -134,8 +134,8 @@ class VAEGenerator(Generator):
                 "use fewer block_out_channels"
             )
         if not conditional:
-            # The text is unused, so any head that produces something will do.
-            self.consumes = frozenset({"tokens", "vector"})
+            # The text is unused: any head will do.
+            self.requires = self.consumes = frozenset()
             return
         self.text_to_map = nn.Sequential(
             nn.Linear(cond_dim, cond_channels), nn.SiLU(), nn.Linear(cond_channels, cond_channels)
