@@ -263,3 +263,65 @@ def test_array_dataset_applies_transform() -> None:
     assert caption == "b" and torch.equal(image, torch.zeros(3, 4, 4))
     with pytest.raises(ValueError, match="one caption each"):
         ArrayImageDataset(images, ["a"])
+
+
+# ---------------------------------------------------------------- caption augmentation in the data module
+
+
+def _augmenting_datamodule(folder: Path, cache_dir: Path, **options):
+    from text2img.data.caption_augment import CaptionAugment
+    from text2img.encoders import TinyEncoder
+    from text2img.lightning import Text2ImgDataModule
+
+    source = ImageFolderSource(folder, image_size=32, val_fraction=0.2, test_fraction=0.2)
+    augment = CaptionAugment(word_dropout=0.3, templates=["{caption}", "an emoji of {caption}"], variants=3)
+    encoder = TinyEncoder(max_length=64, **options)
+    return Text2ImgDataModule(source, encoder, str(cache_dir), batch_size=8, caption_augment=augment)
+
+
+def test_frozen_encoder_caches_the_variants_once(imagefolder: Path, tmp_path: Path, monkeypatch) -> None:
+    datamodule = _augmenting_datamodule(imagefolder, tmp_path / "emb")
+    encoded: list[list[str]] = []
+    original = datamodule.encoder.encode
+    monkeypatch.setattr(datamodule.encoder, "encode", lambda texts: encoded.append(list(texts)) or original(texts))
+    datamodule.prepare_data()
+    train = sorted(set(datamodule.source.split("train").captions))
+    evaluation = {c for name in ("val", "test") for c in datamodule.source.split(name).captions}
+    variants = {v for c in train for v in datamodule.caption_augment.variants_of(c)}
+    assert len(encoded) == 1 and set(encoded[0]) == variants | evaluation
+    assert len(encoded[0]) == len(set(encoded[0]))
+
+    again = _augmenting_datamodule(imagefolder, tmp_path / "emb")
+    again.setup()
+    assert again.cache.stats.misses == 0 and not again.encoder.is_loaded
+    torch.manual_seed(0)
+    batch = next(iter(again.train_dataloader()))
+    assert set(batch.captions) <= set(train)  # the originals; only what the encoder read differs
+    assert all(prompt in datamodule.caption_augment.variants_of(c) for c, prompt in zip(batch.captions, batch.prompts))
+    assert any(prompt != caption for caption, prompt in zip(batch.captions, batch.prompts))
+    plain = again.encoder.encode(batch.captions)
+    assert not torch.equal(batch.text.pooled, plain.pooled)  # training embeddings change...
+    val = next(iter(again.val_dataloader()))
+    assert val.prompts == val.captions  # ...validation's never do
+    torch.testing.assert_close(val.text.pooled, again.encoder.encode(val.captions).pooled, atol=1e-5, rtol=1e-4)
+
+
+def test_trainable_encoder_gets_prompts_and_no_embeddings(imagefolder: Path, tmp_path: Path, monkeypatch) -> None:
+    from text2img.encoders import EmbeddingCache
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the embedding cache was consulted")
+
+    monkeypatch.setattr(EmbeddingCache, "lookup", no_lookup)
+    datamodule = _augmenting_datamodule(imagefolder, tmp_path / "emb", mode="full")
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert datamodule.table is None and not datamodule.encoder.is_loaded and not (tmp_path / "emb").exists()
+    torch.manual_seed(0)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.text is None and len(batch.prompts) == len(batch.captions) == 8
+    assert any(prompt != caption for caption, prompt in zip(batch.captions, batch.prompts))
+    torch.manual_seed(0)
+    assert next(iter(datamodule.train_dataloader())).prompts == batch.prompts  # seeded by the global generator
+    val = next(iter(datamodule.val_dataloader()))
+    assert val.text is None and val.prompts == val.captions

@@ -7,10 +7,12 @@ Rebuilds the checkpoint's model from the run config stored inside it and writes,
   and depends on nothing else (not on the batch it was drawn in), so
   `prompts='["<prompt i>"]' n=1 seed=<s>` regenerates it alone;
 - `grid.png`, the images captioned with their prompt and seed, one row per prompt when n > 1;
-- `samples.json`, the settings and each file's prompt and seed.
+- `samples.json`, the settings and each file's prompt, the text the encoder read for it, and seed.
 
 Prompts missing from the run's embedding cache are encoded with the checkpoint's encoder (which is loaded
-only then) and added to the cache. Diffusion backends also edit: `init_image=PATH` alone is image-to-image
+only then) and added to the cache. When the run used prompt expansion for sampling (`prompt_expansion.sample`),
+each prompt is first rewritten by its expander (cached too); `samples.json` lists the text the encoder read.
+Diffusion backends also edit: `init_image=PATH` alone is image-to-image
 (SDEdit, `strength`), with `mask=PATH` inpainting (white = regenerate, black = keep). The image is
 centre-cropped to a square and resized to the model's resolution; the mask must have the image's size.
 """
@@ -181,8 +183,7 @@ def sample(cfg: DictConfig) -> Sampled:
         edit = load_edit(cfg, model.generator.image_size)
         model.to(device).eval()
         # Not trimmed to the longest prompt: an image does not depend on the lengths of its batch neighbours.
-        text = datamodule.cache.lookup(datamodule.encoder, prompts)
-        datamodule.encoder.unload()
+        encoder_texts, text = datamodule.sampling_prompts(prompts)
         entries = [
             (i, prompt, image_seed(cfg.seed, i, cfg.n, j)) for i, prompt in enumerate(prompts) for j in range(cfg.n)
         ]
@@ -209,7 +210,10 @@ def sample(cfg: DictConfig) -> Sampled:
         "guidance": cfg.guidance,  # null: the checkpoint generator's default
         "steps": cfg.steps,
         "edit": None if edit is None else {"init_image": cfg.init_image, "mask": cfg.mask, "strength": edit.strength},
-        "images": [{"file": path.name, "prompt": p, "seed": s} for path, (_, p, s) in zip(paths, entries)],
+        "images": [
+            {"file": path.name, "prompt": p, "encoder_text": encoder_texts[i], "seed": s}
+            for path, (i, p, s) in zip(paths, entries)
+        ],
     }
     (folder / "samples.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"{len(paths)} images and grid.png -> {folder}")

@@ -69,11 +69,14 @@ class Conditioning:
     tokens: [B, L', D_cond] for cross-attention, or None
     mask:   [B, L'] bool, or None
     vector: [B, D_vec] for vector conditioning (time-embedding add, FiLM), or None
+    film:   one (scale, shift) pair, each [B, C_i], per FiLM layer of the generator (its `film_channels`,
+            in order), or None
     """
 
     tokens: Tensor | None = None
     mask: Tensor | None = None
     vector: Tensor | None = None
+    film: tuple[tuple[Tensor, Tensor], ...] | None = None
 
 
 @dataclass
@@ -81,8 +84,10 @@ class Batch:
     """One training or evaluation batch.
 
     images:   [B, 3, H, W] float in [-1, 1]
-    captions: the raw captions (for grids, logging and trainable encoders)
-    text:     cached embeddings of the captions when the encoder is frozen, else None
+    captions: the original captions (for grids, metrics and logging)
+    text:     cached embeddings of `prompts` when the encoder is frozen, else None
+    prompts:  the text the encoder reads for each caption: the caption, augmented (training only, see
+              `CaptionAugment`) and/or rewritten by a `PromptExpander`; a trainable encoder encodes these
     """
 
     images: Tensor
@@ -91,6 +96,7 @@ class Batch:
     keys: Tensor | None = None  # [B] int64 position in an evaluation set (see EvalOutputs.keys)
     # [B, 2C, h, w] cached posterior (mean, log-variance) of a frozen first stage, for latent backends
     latents: Tensor | None = None
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

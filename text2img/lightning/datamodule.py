@@ -1,9 +1,10 @@
-"""Data module: image/caption splits joined with their cached text embeddings (and, for latent backends,
-their cached first-stage latents)."""
+"""Data module: image/caption splits joined with the text their encoder reads (the caption, augmented and/or
+expanded), that text's cached embedding (and, for latent backends, their cached first-stage latents)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -12,11 +13,13 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from text2img.data.caption_augment import CaptionAugment
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache
 from text2img.errors import ConfigError
 from text2img.generators.first_stage import FirstStage
 from text2img.generators.latent_cache import LatentCache
+from text2img.prompts import PromptExpander
 from text2img.types import Batch, TextEmbedding
 
 log = logging.getLogger(__name__)
@@ -24,31 +27,40 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-# image, caption, row of the caption's embedding, key, cached first-stage moments (or None)
-Item = tuple[torch.Tensor, str, int, int, torch.Tensor | None]
+# image, caption, the text the encoder reads for it, that text's row in the embedding table (None with a
+# trainable encoder), key, cached first-stage moments (or None)
+Item = tuple[torch.Tensor, str, str, int | None, int, torch.Tensor | None]
 
 
 class EmbeddedSplit(Dataset):
-    """One split of a source, each item carrying the row of its caption in the embedding table.
+    """One split of a source, each item carrying the text the encoder reads for its caption and, with a
+    frozen encoder, that text's row in the embedding table.
 
-    Items are keyed by their position in `order` (default: the split's own order). With `size` larger
-    than the split, positions wrap around: prompts repeat and, keyed differently, get new seeds.
+    `prompts` maps each caption to the texts the encoder may read for it; an item draws one of them (the
+    cached variants of an augmented training caption) and, with `augment` (a trainable encoder's training
+    split), augments it on the fly, both from torch's global generator, which Lightning seeds (in DataLoader
+    workers too). Items are keyed by their position in `order` (default: the split's own order). With `size`
+    larger than the split, positions wrap around: prompts repeat and, keyed differently, get new seeds.
     `latents` holds each image's cached first-stage moments, in the split's order, or is None.
     """
 
     def __init__(
         self,
         images: Dataset,
-        rows: list[int],
+        prompts: dict[str, list[str]],
+        row_of: dict[str, int] | None,
         order: list[int] | None = None,
         size: int | None = None,
         latents: torch.Tensor | None = None,
+        augment: CaptionAugment | None = None,
     ):
         self.images = images
-        self.rows = rows
-        self.order = order if order is not None else list(range(len(rows)))
-        self.size = len(rows) if size is None else size
+        self.prompts = prompts
+        self.row_of = row_of
+        self.order = order if order is not None else list(range(len(images)))
+        self.size = len(images) if size is None else size
         self.latents = latents
+        self.augment = augment
 
     def __len__(self) -> int:
         return self.size
@@ -56,8 +68,13 @@ class EmbeddedSplit(Dataset):
     def __getitem__(self, key: int) -> Item:
         index = self.order[key % len(self.order)]
         image, caption = self.images[index]
+        choices = self.prompts[caption]
+        prompt = choices[int(torch.randint(len(choices), ()))] if len(choices) > 1 else choices[0]
+        if self.augment is not None:
+            prompt = self.augment(prompt)
+        row = None if self.row_of is None else self.row_of[prompt]
         latent = None if self.latents is None else self.latents[index]
-        return image, caption, self.rows[index], key, latent
+        return image, caption, prompt, row, key, latent
 
 
 class Text2ImgDataModule(L.LightningDataModule):
@@ -68,6 +85,13 @@ class Text2ImgDataModule(L.LightningDataModule):
     process) then reads the cache, which never loads the model. After `cache_latents`, the training
     split's first-stage latents are handled the same way: encoded once in `prepare_data`, read in `setup`
     and served in `Batch.latents`.
+
+    What the encoder reads (`Batch.prompts`; `Batch.captions` keep the originals): with `expander`, the
+    expansions of the training captions (`expander.train`) and of the evaluation ones (`expander.sample`),
+    expanded in `prepare_data` and cached like embeddings; with `caption_augment`, augmented training
+    captions (after expansion): `caption_augment.variants` fixed versions of each, cached and drawn from at
+    random, with a frozen encoder; a fresh draw per step with a trainable one. A trainable encoder
+    (`encoder.trainable`) gets no embeddings at all (`Batch.text` is None): the model encodes `Batch.prompts`.
     """
 
     def __init__(
@@ -81,6 +105,8 @@ class Text2ImgDataModule(L.LightningDataModule):
         val_samples: int | None = None,
         eval_samples: int | None = None,
         test_split: str = "test",
+        caption_augment: CaptionAugment | None = None,
+        expander: PromptExpander | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("data.val_samples", val_samples), ("n_samples (data.eval_samples)", eval_samples)):
@@ -97,6 +123,8 @@ class Text2ImgDataModule(L.LightningDataModule):
         if test_split not in ("val", "test"):
             raise ValueError(f"split={test_split!r} cannot be evaluated; use test or val (held-out prompts)")
         self.test_split = test_split
+        self.caption_augment = caption_augment if caption_augment is not None and caption_augment.enabled else None
+        self.expander = expander
         self.splits: dict[str, EmbeddedSplit] = {}
         # What the test stage evaluates: `test_split` as `eval_samples` keyed samples.
         self.test_set: EmbeddedSplit | None = None
@@ -114,27 +142,56 @@ class Text2ImgDataModule(L.LightningDataModule):
             )
         self.latent_cache = LatentCache(cache_dir, first_stage)
 
-    def _all_captions(self) -> dict[str, list[str]]:
-        return {name: list(self.source.split(name).captions) for name in SPLITS}
+    def encoder_texts(self, captions: Sequence[str], training: bool, device: torch.device | str = "cpu") -> list[str]:
+        """What the encoder reads for each caption, before augmentation: its expansion where prompt expansion is
+        on for training (`training`) or for evaluation and sampling, else the caption itself."""
+        if self.expander is None or not self.expander.enabled_for(training):
+            return list(captions)
+        return self.expander.expand(captions, device)
+
+    def _split_prompts(self, device: torch.device | str = "cpu") -> dict[str, dict[str, list[str]]]:
+        """split -> caption -> the texts the encoder may read for it: one, or the cached variants of an augmented
+        training caption (with a frozen encoder; a trainable one augments on the fly)."""
+        prompts = {}
+        for name in SPLITS:
+            captions = sorted(set(self.source.split(name).captions))
+            texts = self.encoder_texts(captions, training=name == "train", device=device)
+            if name == "train" and self.caption_augment is not None and not self.encoder.trainable:
+                prompts[name] = {c: self.caption_augment.variants_of(t) for c, t in zip(captions, texts)}
+            else:
+                prompts[name] = {c: [t] for c, t in zip(captions, texts)}
+        if self.expander is not None:
+            self.expander.unload()
+        return prompts
+
+    @staticmethod
+    def _all_texts(prompts: dict[str, dict[str, list[str]]]) -> list[str]:
+        return sorted({text for split in prompts.values() for texts in split.values() for text in texts})
 
     def prepare_data(self) -> None:
-        captions = self._all_captions()
-        self.cache.lookup(self.encoder, sorted({c for split in captions.values() for c in split}))
-        self.encoder.unload()
+        # on the device training will use: large models run much faster on a GPU
+        device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+        prompts = self._split_prompts(device)
+        if not self.encoder.trainable:  # a trainable encoder's embeddings change as it trains: nothing to cache
+            self.cache.lookup(self.encoder, self._all_texts(prompts))
+            self.encoder.unload()
         if self.latent_cache is not None:
-            # on the device training will use: a large first stage encodes much faster on a GPU
-            device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
             self.latent_cache.prepare(self.source, device)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        datasets = {name: self.source.split(name) for name in SPLITS}
-        unique = sorted({c for d in datasets.values() for c in d.captions})
-        self.table = self.cache.lookup(self.encoder, unique)
-        self.row_of = {caption: row for row, caption in enumerate(unique)}
-        for name, dataset in datasets.items():
-            self.splits[name] = EmbeddedSplit(dataset, [self.row_of[c] for c in dataset.captions])
+        prompts = self._split_prompts()
+        if not self.encoder.trainable:
+            texts = self._all_texts(prompts)
+            self.table = self.cache.lookup(self.encoder, texts)
+            self.row_of = {text: row for row, text in enumerate(texts)}
+        trainable = self.encoder.trainable
+        for name in SPLITS:
+            self.splits[name] = EmbeddedSplit(
+                self.source.split(name), prompts[name], None if trainable else self.row_of,
+                augment=self.caption_augment if trainable and name == "train" else None,
+            )
         if self.latent_cache is not None:
             self.splits["train"].latents = self.latent_cache.load(self.source)
         # Evaluation sets: the split in a fixed shuffled order (grids show varied prompts, not a run of
@@ -145,14 +202,14 @@ class Text2ImgDataModule(L.LightningDataModule):
         self.splits["val"] = self._evaluation_set(self.splits["val"], val_size)
         log.info(
             "data: %s; validation on %d samples, test on %d of %s",
-            ", ".join(f"{n} {len(d.rows)}" for n, d in self.splits.items()),
+            ", ".join(f"{n} {len(d.images)}" for n, d in self.splits.items()),
             len(self.splits["val"]), len(self.test_set), self.test_split,
         )
 
     @staticmethod
     def _evaluation_set(split: EmbeddedSplit, size: int | None) -> EmbeddedSplit:
-        order = torch.randperm(len(split.rows), generator=torch.Generator().manual_seed(0)).tolist()
-        return EmbeddedSplit(split.images, split.rows, order, size)
+        order = torch.randperm(len(split.images), generator=torch.Generator().manual_seed(0)).tolist()
+        return EmbeddedSplit(split.images, split.prompts, split.row_of, order, size)
 
     def eval_split(self, stage: str) -> str:
         """The split a "val" or "test" stage evaluates."""
@@ -164,22 +221,44 @@ class Text2ImgDataModule(L.LightningDataModule):
         return torch.stack([images[i][0] for i in range(min(count, len(images)))])
 
     def prompts(self, split: str) -> tuple[list[str], TextEmbedding]:
-        """The distinct captions of a split, sorted, with their cached embeddings."""
-        assert self.table is not None, "call setup() first"
-        captions = sorted(set(self.source.split(split).captions))
-        rows = torch.tensor([self.row_of[c] for c in captions])
-        return captions, self.table[rows]
+        """The distinct captions of a split, sorted, with the embeddings of what the encoder reads for them (of
+        their first variant for augmented training captions): cached ones, or with a trainable encoder, its
+        current weights' (computed now)."""
+        assert self.splits, "call setup() first"
+        texts_of = self.splits[split].prompts
+        captions = sorted(texts_of)
+        texts = [texts_of[caption][0] for caption in captions]
+        if self.table is None:
+            return captions, self._encode_now(texts)
+        return captions, self.table[torch.tensor([self.row_of[text] for text in texts])]
+
+    def sampling_prompts(self, prompts: Sequence[str]) -> tuple[list[str], TextEmbedding]:
+        """What the encoder reads for user prompts (their expansions if `expander.sample`) and its embeddings: a
+        frozen encoder's from the cache, encoding (and caching) only new ones. The language models are
+        unloaded afterwards."""
+        texts = self.encoder_texts(prompts, training=False)
+        if self.expander is not None:
+            self.expander.unload()
+        if self.encoder.trainable:
+            return texts, self._encode_now(texts)
+        text = self.cache.lookup(self.encoder, texts)
+        self.encoder.unload()
+        return texts, text
+
+    def _encode_now(self, texts: list[str]) -> TextEmbedding:
+        """A trainable encoder's embeddings under its current weights (nothing to cache)."""
+        with torch.no_grad():
+            return self.encoder.encode(texts)
 
     def collate(self, items: list[Item]) -> Batch:
-        images, captions, rows, keys, latents = zip(*items)
-        assert self.table is not None
-        text = self.table[torch.tensor(rows)].trimmed()
+        images, captions, prompts, rows, keys, latents = zip(*items)
         return Batch(
             images=torch.stack(images),
             captions=list(captions),
-            text=text,
+            text=None if self.table is None else self.table[torch.tensor(rows)].trimmed(),
             keys=torch.tensor(keys),
             latents=None if latents[0] is None else torch.stack(latents),
+            prompts=list(prompts),
         )
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
