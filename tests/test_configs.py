@@ -12,16 +12,19 @@ from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.lightning import Text2ImgModule
 from text2img.metrics import EvalMetric
+from text2img.fusion import build_fusion
 from text2img.train import build_model
 
 GROUPS = [
-    "encoder", "fusion", "generator", "model", "data", "trainer", "logger", "extractor", "metrics", "callbacks", "debug",
-    "experiment",
+    "encoder", "peft", "prompt_expansion", "fusion", "generator", "generator_peft", "model", "data", "trainer",
+    "logger", "extractor", "metrics", "callbacks", "debug", "experiment",
 ]
 # Options that need a value only the user can give.
 REQUIRED = {
     "encoder=hf": ["encoder.model=some/model", "encoder.hidden_size=64"],
     "model=gan": ["generator=gan"],  # the adversarial module trains only a GAN (generator=gan selects it)
+    "fusion=film": ["generator=gan"],  # FiLM layers for its scales and shifts: the GAN's
+    "peft=lora": ["encoder=tiny"],  # builds the model, which loads an encoder that trains
 }
 # Latent diffusion needs a first stage: a tiny local one here (training without one says how to get one).
 NEEDS_FIRST_STAGE = {"generator=ldm"}
@@ -68,10 +71,10 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder, tiny_
         assert isinstance(encoder, TextEncoder) and not encoder.is_loaded
         assert encoder.hidden_size == cfg.encoder.hidden_size
     elif group == "fusion":
-        assert isinstance(instantiate(cfg.fusion), FusionHead)
+        assert isinstance(build_fusion(cfg.fusion, instantiate(cfg.generator), override, "generator"), FusionHead)
     elif group == "generator":
         assert isinstance(instantiate(cfg.generator), Generator)
-    elif group == "model":
+    elif group in ("model", "peft", "generator_peft"):
         datamodule, model = build_model(cfg)
         assert isinstance(model, Text2ImgModule) and model.generator.image_size == cfg.data.source.image_size
     elif group == "extractor":

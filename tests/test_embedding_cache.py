@@ -114,7 +114,7 @@ def test_storage_layout(tmp_path: Path) -> None:
 
 def test_trainable_encoder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="trainable"):
-        EmbeddingCache(tmp_path).lookup(TinyEncoder(trainable=True), CAPTIONS)
+        EmbeddingCache(tmp_path).lookup(TinyEncoder(mode="full"), CAPTIONS)
 
 
 def _race(root: str, barrier, out: str) -> None:

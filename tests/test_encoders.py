@@ -304,7 +304,7 @@ def test_output_is_usable_by_autograd() -> None:
 
 
 def test_trainable_encoder_gets_gradients() -> None:
-    encoder = TinyEncoder(trainable=True)
+    encoder = TinyEncoder(mode="full")
     encoder.load()
     assert encoder.training and encoder.model.training
     encoder.encode([SHORT, "hi"]).pooled.sum().backward()

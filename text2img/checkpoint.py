@@ -48,6 +48,8 @@ def load_model(
     with open_dict(run_cfg):
         for key, value in (data or {}).items():
             run_cfg.data[key] = value
+        run_cfg.model.init_from = None  # the checkpoint holds every weight the run started from
     datamodule, model = build_model(run_cfg)
+    model.on_load_checkpoint(checkpoint)  # as Lightning does: restores what the checkpoint leaves out
     model.load_state_dict(checkpoint["state_dict"])
     return checkpoint, datamodule, model

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from text2img.cli import run_checked
 from text2img.errors import ConfigError, root_cause
 from text2img.first_stage_run import ensure_first_stage
+from text2img.fusion import build_fusion
 from text2img.generators import LatentDiffusionGenerator
 from text2img.generators.base import check_compatible
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
@@ -48,13 +49,16 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     """Data and model of a run config (also used to rebuild a checkpoint's model for evaluation)."""
     encoder = instantiate(cfg.encoder)
-    datamodule = instantiate(cfg.data, encoder=encoder)
-    fusion = instantiate(cfg.fusion)
+    expander = instantiate(cfg.prompt_expansion) if cfg.get("prompt_expansion") else None
+    datamodule = instantiate(cfg.data, encoder=encoder, expander=expander)
     generator = instantiate(cfg.generator)
-    check_compatible(fusion, generator, _choice(cfg, "fusion"), _choice(cfg, "generator"))
+    names = _choice(cfg, "fusion"), _choice(cfg, "generator")
+    fusion = build_fusion(cfg.fusion, generator, *names)
+    check_compatible(fusion, generator, *names)
     if isinstance(generator, LatentDiffusionGenerator) and generator.cache_latents:
         datamodule.cache_latents(generator.first_stage, f"{cfg.paths.cache_dir}/latents")
-    model = instantiate(cfg.model, fusion=fusion, generator=generator)
+    # An encoder that trains is part of the model; a frozen one only fills the data module's embedding cache.
+    model = instantiate(cfg.model, fusion=fusion, generator=generator, encoder=encoder if encoder.trainable else None)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     return datamodule, model
 

@@ -7,21 +7,29 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from text2img.encoders.base import TextEncoder
+from text2img.errors import ConfigError
 # The encoding core lives in the standalone loader that exports ship, so exported models encode identically.
 from text2img.pipeline import encode_tokens, load_text_model, prepare_text_model, tokenize
 from text2img.types import TextEmbedding
+
+if TYPE_CHECKING:  # text2img.lora imports the generators, whose metrics import this module
+    from text2img.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("frozen", "lora", "full")
+# Bidirectional encoders: every position sees the next token, so they have no next-token loss.
+BIDIRECTIONAL = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet", "albert")
 
 
 def _drop_unused_layers(model: PreTrainedModel, keep: int) -> None:
@@ -50,6 +58,11 @@ class HFTextEncoder(TextEncoder):
     which counts the chat template's tokens too; the mask marks every real token, template included. With
     right padding and an attention mask, a caption's real positions do not depend on the other captions
     in its batch, so captions are sorted by length and each batch is padded only to its own longest.
+
+    `mode` says how the encoder trains with the generator: `frozen` (no gradients; its embeddings are cached
+    once), `lora` (peft low-rank adapters on the attention projections, settings in `lora`; the base weights
+    stay frozen) or `full` (every weight). `gradient_checkpointing` trades a second forward pass of the LLM for
+    not storing its activations, when it trains.
     """
 
     def __init__(
@@ -67,7 +80,9 @@ class HFTextEncoder(TextEncoder):
         dtype: str = "float32",
         batch_size: int = 64,
         gguf_file: str | None = None,
-        trainable: bool = False,
+        mode: str = "frozen",
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if "{caption}" not in template:
@@ -82,6 +97,10 @@ class HFTextEncoder(TextEncoder):
             raise ValueError(
                 f"encoder.system_prompt={system_prompt!r} needs encoder.chat_template=true; set it or drop the prompt"
             )
+        if mode not in MODES:
+            raise ConfigError(f"encoder.mode={mode!r} is unknown; use one of {', '.join(MODES)}")
+        if lora is not None and mode != "lora":
+            raise ConfigError(f"LoRA settings are given but encoder.mode={mode}; use peft=lora (encoder.mode=lora)")
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"encoder.max_length={max_length} and encoder.batch_size={batch_size} must be >= 1")
         self.model_name = str(model)
@@ -97,11 +116,15 @@ class HFTextEncoder(TextEncoder):
         self.dtype = dtype
         self.batch_size = batch_size
         self.gguf_file = gguf_file
-        self.trainable = trainable
+        self.mode = mode
+        self.lora = lora
+        self.gradient_checkpointing = gradient_checkpointing
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         # Index into the model's `hidden_states` of the layer read (`layer` resolved when the model loads).
         self.hidden_index = 0
+        # Whether the layers after the one read were kept (`load(whole=True)`).
+        self.whole_model = False
         # Truncation is reported once per encoder, not on every batch of a trainable one.
         self._truncation_reported = False
         # Follows `.to(device)` before the weights exist, so a lazy load lands on the right device.
@@ -113,6 +136,10 @@ class HFTextEncoder(TextEncoder):
         """The weights' name without machine-specific paths, so cache keys survive moving a folder."""
         name = Path(self.model_name).name if os.path.isdir(self.model_name) else self.model_name
         return f"{name}/{Path(self.gguf_file).name}" if self.gguf_file else name
+
+    @property
+    def trainable(self) -> bool:
+        return self.mode != "frozen"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -145,23 +172,46 @@ class HFTextEncoder(TextEncoder):
         """Tokenizer and base model; subclasses that ship their weights differently override this."""
         return load_text_model(self.model_name, self.torch_dtype, self.gguf_file, self.trust_remote_code)
 
-    def load(self) -> None:
+    def load(self, whole: bool = False) -> None:
         """Load the weights now (`encode` does it on first use); a trainable encoder needs this before
-        its parameters are handed to an optimizer."""
+        its parameters are handed to an optimizer. `whole` keeps the layers after the one read, which
+        `next_token_loss` needs."""
         if self.model is not None:
+            if whole and not self.whole_model:
+                raise RuntimeError("the encoder was loaded without its last layers; load(whole=True) before encoding")
             return
         start = time.perf_counter()
         tokenizer, model = self._load_pretrained()
         self.hidden_index = self._check(model)
+        layers = model.config.num_hidden_layers
         if self.chat_template and tokenizer.chat_template is None:
             raise ValueError(
                 f"encoder.chat_template=true but {self.model_id}'s tokenizer has no chat template; "
                 "set encoder.chat_template=false"
             )
         prepare_text_model(tokenizer, model, self.model_id)
-        # `layer_mean` reads only states before `hidden_index`, which these blocks all keep.
-        _drop_unused_layers(model, self.hidden_index + 1)
-        model.requires_grad_(self.trainable)
+        if not whole:
+            # `layer_mean` reads only states before `hidden_index`, which these blocks all keep.
+            _drop_unused_layers(model, self.hidden_index + 1)
+        self.whole_model = model.config.num_hidden_layers == layers
+        model.requires_grad_(self.mode == "full")
+        if self.mode == "lora":
+            from text2img.lora import LoraSettings, add_lora
+
+            trainable = add_lora(model, self.lora or LoraSettings(), "peft")
+            log.info("LoRA on %s: %d trainable parameters", self.model_id, trainable)
+        if self.gradient_checkpointing and self.trainable:
+            if not model.supports_gradient_checkpointing:
+                raise ConfigError(
+                    f"{self.model_id} does not support gradient checkpointing; set encoder.gradient_checkpointing=false"
+                )
+            # Non-reentrant: works when the inputs (token ids) need no gradient, as with LoRA on a frozen base.
+            # (transformers 5.x renamed it; the old name warns of its removal in 6.)
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train(self.training)
         self.tokenizer = tokenizer
         self.model = model.to(self._device_anchor.device)
@@ -197,6 +247,8 @@ class HFTextEncoder(TextEncoder):
         return index
 
     def unload(self) -> None:
+        if self.trainable:
+            return  # its weights are being trained: they live with the model, not in a cache
         self.model = None
         self.tokenizer = None
 
@@ -211,6 +263,16 @@ class HFTextEncoder(TextEncoder):
             return TextEmbedding(tokens, torch.zeros(0, self.max_length, dtype=torch.bool, device=device), tokens[:, 0])
         self.load()
         assert self.model is not None and self.tokenizer is not None
+        features = self._tokenize(captions)
+        tokens, mask, pooled = encode_tokens(
+            self.model, self.tokenizer, features, max_length=self.max_length, hidden_index=self.hidden_index,
+            layer_mean=self.layer_mean, pooling=self.pooling, batch_size=self.batch_size, device=device,
+            grad=self.trainable,
+        )
+        return TextEmbedding(tokens, mask, pooled)
+
+    def _tokenize(self, captions: Sequence[str]) -> list[dict[str, list[int]]]:
+        assert self.tokenizer is not None
         features, truncated = tokenize(
             self.tokenizer, captions, template=self.template, max_length=self.max_length,
             chat_template=self.chat_template, system_prompt=self.system_prompt,
@@ -221,9 +283,35 @@ class HFTextEncoder(TextEncoder):
                 "encoder: %d of %d captions truncated to max_length=%d tokens; raise encoder.max_length to keep "
                 "them whole", truncated, len(captions), self.max_length,
             )
-        tokens, mask, pooled = encode_tokens(
-            self.model, self.tokenizer, features, max_length=self.max_length, hidden_index=self.hidden_index,
-            layer_mean=self.layer_mean, pooling=self.pooling, batch_size=self.batch_size, device=device,
-            grad=self.trainable,
-        )
-        return TextEmbedding(tokens, mask, pooled)
+        return features
+
+    def check_next_token_loss(self) -> None:
+        """Fail with one line when this model has no next-token loss to keep it from drifting."""
+        self.load(whole=True)
+        assert self.model is not None
+        config = self.model.config
+        if config.model_type in BIDIRECTIONAL:
+            raise ConfigError(
+                f"model.text_loss_weight>0 needs a causal language model, but {self.model_id} ({config.model_type}) "
+                "is bidirectional and has no next-token loss; set model.text_loss_weight=0 or use encoder=smollm2"
+            )
+        if not getattr(config, "tie_word_embeddings", False):
+            raise ConfigError(
+                f"model.text_loss_weight>0 reads the LM head from the input embeddings, but {self.model_id} does not "
+                "tie them; set model.text_loss_weight=0"
+            )
+
+    def next_token_loss(self, captions: Sequence[str]) -> Tensor:
+        """The LLM's own mean next-token cross-entropy over the templated captions' real tokens.
+
+        A joint objective adds it so a tuned encoder keeps modelling language; the LM head is the tied
+        input embedding matrix (`check_next_token_loss` checks the model has one).
+        """
+        self.load(whole=True)
+        assert self.model is not None and self.tokenizer is not None
+        device = self._device_anchor.device
+        batch = self.tokenizer.pad(self._tokenize(captions), padding=True, return_tensors="pt").to(device)
+        hidden = self.model(**batch).last_hidden_state
+        logits = F.linear(hidden, self.model.get_input_embeddings().weight)
+        labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())

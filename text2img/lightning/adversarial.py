@@ -9,11 +9,13 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 
+from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.gan import GANGenerator
 from text2img.lightning.module import Text2ImgModule
+from text2img.lora import LoraSettings
 from text2img.metrics.effnet import EfficientNetLite0Features
 from text2img.metrics.features import RealFeatureCache
 from text2img.metrics.frozen import ImageFeatureExtractor
@@ -63,15 +65,27 @@ class AdversarialModule(Text2ImgModule):
         alignment_weight: float = 0.0,
         alignment_seed: int = 1,
         alignment_cache_dir: str = ".cache/eval",
+        encoder: HFTextEncoder | None = None,
+        init_from: str | None = None,
+        generator_lora: LoraSettings | None = None,
     ) -> None:
         if not isinstance(generator, GANGenerator):
             raise ConfigError(
                 f"model=gan trains adversarial generators but got {type(generator).__name__}; use generator=gan, "
                 "or model=default for this generator"
             )
+        if encoder is not None:
+            # Both optimisers' losses would backpropagate into the one text forward per batch.
+            raise ConfigError(
+                f"generator=gan trains with a frozen text encoder, not encoder.mode={encoder.mode}; drop peft=lora and "
+                "set encoder.mode=frozen"
+            )
         if alignment_weight < 0:
             raise ConfigError(f"model.alignment_weight={alignment_weight} is negative; use 0 (off) or more")
-        super().__init__(fusion, generator, text_dim, optimizer, None, caption_dropout, eval_seed)
+        super().__init__(
+            fusion, generator, text_dim, optimizer, None, caption_dropout, eval_seed, init_from=init_from,
+            generator_lora=generator_lora,
+        )
         self.automatic_optimization = False
         self.discriminator_optimizer_factory = discriminator_optimizer
         self.gradient_clip_val = gradient_clip_val

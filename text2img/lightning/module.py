@@ -9,7 +9,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
+from text2img.lora import LoraSettings, add_lora, generator_lora_module
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.diffusion import DiffusionGenerator, ImageEdit
@@ -17,12 +19,22 @@ from text2img.types import Batch, EvalOutputs, TextEmbedding
 
 
 class Text2ImgModule(L.LightningModule):
-    """Trains `generator` conditioned by `fusion` on cached text embeddings.
+    """Trains `generator` conditioned by `fusion` on cached text embeddings, or with `encoder` (an encoder that
+    trains: `encoder.mode=lora` or `full`) on the embeddings it computes from the batch's prompts.
 
     Captions are dropped to a learned null embedding at rate `caption_dropout` so the same model
     also learns the unconditional branch that classifier-free guidance needs at sampling time.
     Validation and test steps generate images for the batch's prompts with a fixed seed, so grids
     and metrics from different steps and runs are comparable; callbacks turn them into grids and FID.
+
+    With a training encoder, the loss is L_image + text_loss_weight * L_text, where L_text is the LLM's own
+    next-token loss on the prompts (it keeps a tuned encoder from drifting away from language); the encoder's
+    parameters get `encoder_lr` (e.g. 1e-5 for full fine-tuning) instead of the optimizer's learning rate.
+    Checkpoints leave out its frozen base weights, which reload from their source.
+
+    `init_from` starts the fusion head, generator and null embedding from a trained checkpoint's weights;
+    `generator_lora` then freezes the generator and trains peft LoRA adapters of it (with the fusion head and
+    null embedding), e.g. to adapt a trained model to new data cheaply.
     """
 
     def __init__(
@@ -34,10 +46,32 @@ class Text2ImgModule(L.LightningModule):
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         caption_dropout: float = 0.1,
         eval_seed: int = 1234,
+        encoder: HFTextEncoder | None = None,
+        text_loss_weight: float = 0.0,
+        encoder_lr: float | None = None,
+        init_from: str | None = None,
+        generator_lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} must be in [0, 1)")
+        if text_loss_weight < 0:
+            raise ConfigError(f"model.text_loss_weight={text_loss_weight} must be >= 0 (0: no text loss)")
+        if encoder is None and (text_loss_weight > 0 or encoder_lr is not None):
+            raise ConfigError(
+                "model.text_loss_weight and model.encoder_lr apply to an encoder that trains, but the encoder is "
+                "frozen; use peft=lora or encoder.mode=full, or leave them at 0 and null"
+            )
+        if encoder is not None:
+            if not encoder.trainable:
+                raise ValueError("pass the encoder to the module only when it trains; a frozen one is read from the cache")
+            # Loaded now: the optimizer needs its parameters, and a resumed checkpoint its LoRA layers.
+            encoder.load(whole=text_loss_weight > 0)
+            if text_loss_weight > 0:
+                encoder.check_next_token_loss()
+        self.encoder = encoder
+        self.text_loss_weight = text_loss_weight
+        self.encoder_lr = encoder_lr
         self.fusion = fusion
         self.generator = generator
         self.null_tokens = nn.Parameter(torch.randn(1, text_dim) * 0.02)
@@ -46,10 +80,28 @@ class Text2ImgModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
         self.eval_seed = eval_seed
+        if init_from is not None:
+            self.load_initial_weights(init_from)
+        if generator_lora is not None:
+            add_lora(generator_lora_module(generator), generator_lora, "model.generator_lora")
         # The resolved run config, stored in checkpoints so sampling and evaluation can rebuild the model.
         self.run_config: dict[str, Any] | None = None
         # Sampler settings for evaluation (guidance_scale, steps); empty = the generator's defaults.
         self.eval_sampling: dict[str, Any] = {}
+
+    def load_initial_weights(self, path: str) -> None:
+        """Fusion head, generator and null embedding from a text2img checkpoint (not its encoder's weights)."""
+        from text2img.checkpoint import load_checkpoint  # it imports this module
+
+        weights = {k: v for k, v in load_checkpoint(path)["state_dict"].items() if not k.startswith("encoder.")}
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        missing = [key for key in missing if not key.startswith("encoder.")]
+        if missing or unexpected:
+            example = (missing or unexpected)[0]
+            raise ConfigError(
+                f"model.init_from='{path}' does not fit this model: {len(missing)} weights missing and {len(unexpected)} "
+                f"unexpected (e.g. {example}); start from a checkpoint of the same fusion head and generator config"
+            )
 
     def null_text(self, batch_size: int) -> TextEmbedding:
         """The learned unconditional embedding: one token, always attended."""
@@ -76,7 +128,13 @@ class Text2ImgModule(L.LightningModule):
             pooled=torch.where(drop[:, None], self.null_pooled.to(text.pooled.dtype).expand_as(text.pooled), text.pooled),
         )
 
+    def prompts_of(self, batch: Batch) -> list[str]:
+        """The text the encoder reads: the batch's augmented or expanded prompts, else its captions."""
+        return batch.captions if batch.prompts is None else batch.prompts
+
     def text_of(self, batch: Batch) -> TextEmbedding:
+        if self.encoder is not None:
+            return self.encoder.encode(self.prompts_of(batch)).trimmed()
         if batch.text is None:
             raise RuntimeError("the batch carries no text embeddings; the data module must attach cached embeddings")
         return batch.text
@@ -84,6 +142,12 @@ class Text2ImgModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         text = self.drop_captions(self.text_of(batch))
         loss = self.generator.training_loss(batch.images, text, self.fusion, latents=batch.latents)
+        if self.text_loss_weight > 0:
+            assert self.encoder is not None
+            self.log("train/image_loss", loss, batch_size=len(batch))
+            text_loss = self.encoder.next_token_loss(self.prompts_of(batch))
+            self.log("train/text_loss", text_loss, batch_size=len(batch))
+            loss = loss + self.text_loss_weight * text_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
@@ -146,13 +210,36 @@ class Text2ImgModule(L.LightningModule):
         return self._eval_step(batch)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
+        encoder_params = [] if self.encoder is None else [p for p in self.encoder.parameters() if p.requires_grad]
+        own = {id(p) for p in encoder_params}
+        params: list[Any] = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+        if encoder_params and self.encoder_lr is not None:
+            params = [{"params": params}, {"params": encoder_params, "lr": self.encoder_lr}]
+        else:
+            params += encoder_params
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.lr_scheduler_factory(optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def frozen_encoder_keys(self) -> list[str]:
+        """State-dict entries of the encoder's frozen base: reloaded from its source, never saved."""
+        if self.encoder is None:
+            return []
+        trained = {f"encoder.{name}" for name, p in self.encoder.named_parameters() if p.requires_grad}
+        return [key for key in self.state_dict() if key.startswith("encoder.") and key not in trained]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["text2img_config"] = self.run_config
+        frozen = self.frozen_encoder_keys()
+        for state in ("state_dict", "current_model_state"):  # the EMA callback keeps the raw weights in the second
+            for key in frozen:
+                checkpoint.get(state, {}).pop(key, None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = self.state_dict()
+        for state in ("state_dict", "current_model_state"):
+            if state in checkpoint:
+                checkpoint[state].update({key: own[key] for key in self.frozen_encoder_keys()})
