@@ -210,13 +210,13 @@ class Text2ImgModule(L.LightningModule):
         return self._eval_step(batch)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        encoder_params = [] if self.encoder is None else [p for p in self.encoder.parameters() if p.requires_grad]
-        own = {id(p) for p in encoder_params}
-        params: list[Any] = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
-        if encoder_params and self.encoder_lr is not None:
-            params = [{"params": params}, {"params": encoder_params, "lr": self.encoder_lr}]
-        else:
-            params += encoder_params
+        params: list[Any] = [p for p in self.parameters() if p.requires_grad]
+        if self.encoder is not None and self.encoder_lr is not None:
+            in_encoder = {id(p) for p in self.encoder.parameters()}
+            params = [
+                {"params": [p for p in params if id(p) not in in_encoder]},
+                {"params": [p for p in params if id(p) in in_encoder], "lr": self.encoder_lr},
+            ]
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return {"optimizer": optimizer}
