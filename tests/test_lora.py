@@ -27,7 +27,6 @@ from text2img.lora import (
     LoraSettings,
     add_lora,
     default_targets,
-    generator_lora_module,
     has_lora,
     is_lora_parameter,
     load_adapters,
@@ -127,9 +126,9 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
     "bert": (tiny_bert, ["query", "key", "value", "attention.output.dense"]),
     "gpt2": (tiny_gpt2, ["c_attn", "attn.c_proj"]),
     "unet": (tiny_unet, ["to_q", "to_k", "to_v", "to_out.0"]),
-    "gan": (lambda: generator_lora_module(tiny_gan()), ["mlp.0", "mlp.2"]),
+    "gan": (lambda: tiny_gan().lora_module(), ["mlp.0", "mlp.2"]),
     "vae": (
-        lambda: generator_lora_module(tiny_vae()),
+        lambda: tiny_vae().lora_module(),
         ["to_q", "to_k", "to_v", "to_out.0", "text_to_map.0", "text_to_map.2", "text_to_prior.0", "text_to_prior.2"],
     ),
 }
@@ -173,7 +172,7 @@ def test_the_llama_count_by_hand() -> None:
 
 def test_the_gan_discriminator_keeps_training() -> None:
     gan = tiny_gan()
-    add_lora(generator_lora_module(gan), LoraSettings(rank=2), "model.generator_lora")
+    add_lora(gan.lora_module(), LoraSettings(rank=2), "model.generator_lora")
     assert all(parameter.requires_grad for parameter in gan.discriminator.parameters())
     assert not any(parameter.requires_grad for parameter in gan.net.stem.parameters())
 
@@ -256,7 +255,7 @@ def test_no_default_targets_is_one_line() -> None:
 def lora_latent_module() -> tuple[nn.Module, HFTextEncoder]:
     """tests/test_export.py's tiny latent diffusion model with LoRA on its UNet, every adapter non-zero."""
     model, encoder = tiny_latent_module()
-    add_lora(generator_lora_module(model.generator), LoraSettings(rank=4), "model.generator_lora")
+    add_lora(model.generator.lora_module(), LoraSettings(rank=4), "model.generator_lora")
     randomise_lora(model)
     return model, encoder
 
@@ -274,14 +273,14 @@ def test_adapter_file_holds_the_trainable_weights_only(tmp_path: Path) -> None:
     assert not any(name.startswith("generator.first_stage.") for name in trainable)
     # a fresh model with the same LoRA settings gives the same images once the file is loaded
     fresh, _ = tiny_latent_module()
-    add_lora(generator_lora_module(fresh.generator), LoraSettings(rank=4), "model.generator_lora")
+    add_lora(fresh.generator.lora_module(), LoraSettings(rank=4), "model.generator_lora")
     text = encoder.encode(PROMPTS)
     assert not torch.equal(fresh.generate(text, SEEDS), model.generate(text, SEEDS))
     load_adapters(fresh, path)
     assert torch.equal(fresh.generate(text, SEEDS), model.generate(text, SEEDS))
     # other settings: one line naming the mismatch
     other, _ = tiny_latent_module()
-    add_lora(generator_lora_module(other.generator), LoraSettings(rank=2), "model.generator_lora")
+    add_lora(other.generator.lora_module(), LoraSettings(rank=2), "model.generator_lora")
     with pytest.raises(ConfigError, match="has shape"):
         load_adapters(other, path)
     plain, _ = tiny_latent_module()
@@ -333,7 +332,7 @@ def test_adapter_checkpoints_are_written_during_a_fit(tmp_path: Path) -> None:
     ]
     cfg = compose_train(tmp_path / "run", smoke_overrides(data, *overrides))
     run = build(cfg)
-    add_lora(generator_lora_module(run.model.generator), LoraSettings(rank=2), "model.generator_lora")
+    add_lora(run.model.generator.lora_module(), LoraSettings(rank=2), "model.generator_lora")
     run.trainer.fit(run.model, datamodule=run.datamodule)
     folder = tmp_path / "run" / "checkpoints" / "adapters"
     assert sorted(path.name for path in folder.iterdir()) == [
@@ -345,7 +344,7 @@ def test_adapter_checkpoints_are_written_during_a_fit(tmp_path: Path) -> None:
     full_size = (tmp_path / "run" / "checkpoints" / "last.ckpt").stat().st_size
     assert (folder / "last.safetensors").stat().st_size < full_size / 3
     _, fresh = build_model(cfg)
-    add_lora(generator_lora_module(fresh.generator), LoraSettings(rank=2), "model.generator_lora")
+    add_lora(fresh.generator.lora_module(), LoraSettings(rank=2), "model.generator_lora")
     load_adapters(fresh, folder / "last.safetensors")
     state = fresh.state_dict()
     assert all(torch.equal(state[name], value) for name, value in adapters.items())

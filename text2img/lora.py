@@ -2,7 +2,7 @@
 
 `add_lora(module, settings, option)` injects the adapters into `module` and freezes everything else in it;
 the module stays a plain transformers/diffusers module, with peft's wrapper layers at the targeted names.
-Which module to pass: the text encoder's `encoder.model`, and for a generator `generator_lora_module(generator)`
+Which module to pass: the text encoder's `encoder.model`, and for a generator `generator.lora_module()`
 (the UNet of diffusion and latent diffusion, the GAN's generator network, the whole VAE).
 
 Adapter-only checkpoints (`save_adapters`/`load_adapters`) hold every trainable parameter of a LightningModule
@@ -29,11 +29,6 @@ from transformers.pytorch_utils import Conv1D
 
 from text2img.errors import ConfigError
 from text2img.files import atomic_path
-from text2img.generators.base import Generator
-from text2img.generators.diffusion import DiffusionGenerator
-from text2img.generators.gan import GANGenerator
-from text2img.generators.gan_blocks import FiLM
-from text2img.generators.vae import VAEGenerator
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -69,8 +64,9 @@ def _has_layers(module: nn.Module, names: tuple[str, ...], kind: type[nn.Module]
 
 # Attention (or modulation) projections: where LoRA is usually put. Transformers families are recognised by
 # their layers' names, which each family's classes share; text2img's and diffusers' by their classes.
-# The GAN's token cross-attention is an nn.MultiheadAttention with other key/value widths, which peft cannot
-# adapt (and LoRA on its out_proj would be bypassed by the fused attention kernel): its FiLM layers are adapted.
+# Other modules name their own in a `lora_targets` attribute (the GAN's FiLM layers, the VAE's text projections;
+# the GAN's token cross-attention is an nn.MultiheadAttention with other key/value widths, which peft cannot
+# adapt, and LoRA on its out_proj would be bypassed by the fused attention kernel).
 TARGET_FAMILIES = (
     TargetFamily(
         "Llama/Mistral/Qwen-style attention",
@@ -84,24 +80,7 @@ TARGET_FAMILIES = (
     ),
     TargetFamily("GPT-2 attention", lambda m: _has_layers(m, ("c_attn", "c_proj"), Conv1D), ("c_attn", "attn.c_proj")),
     TargetFamily("diffusers attention", lambda m: isinstance(m, Attention), ("to_q", "to_k", "to_v", "to_out.0")),
-    TargetFamily("GAN FiLM modulation", lambda m: isinstance(m, FiLM), ("mlp.0", "mlp.2")),
-    TargetFamily(
-        "conditional VAE text projections",
-        lambda m: isinstance(m, VAEGenerator) and m.conditional,
-        ("text_to_map.0", "text_to_map.2", "text_to_prior.0", "text_to_prior.2"),
-    ),
 )
-
-
-def generator_lora_module(generator: Generator) -> nn.Module:
-    """The part of `generator` that `add_lora` adapts: the UNet of (latent) diffusion (the first stage stays
-    frozen), the GAN's generator network (its discriminator trains in full: it is not shipped, and it must
-    keep up with the adapted generator), the whole of any other generator (the VAE)."""
-    if isinstance(generator, DiffusionGenerator):
-        return generator.unet
-    if isinstance(generator, GANGenerator):
-        return generator.net
-    return generator
 
 
 def adaptable_layers(module: nn.Module) -> dict[str, nn.Module]:
@@ -135,12 +114,15 @@ def _matches(name: str, target: str) -> bool:
 
 
 def default_targets(module: nn.Module, option: str) -> list[str]:
-    """The targets of every family in `TARGET_FAMILIES` present in `module` (in that order)."""
+    """The targets of every family in `TARGET_FAMILIES` present in `module` (in that order), then those its
+    submodules declare in `lora_targets`."""
     targets: list[str] = []
     submodules = list(module.modules())
     for family in TARGET_FAMILIES:
         if any(family.present(submodule) for submodule in submodules):
             targets += [target for target in family.targets if target not in targets]
+    for submodule in submodules:
+        targets += [target for target in getattr(submodule, "lora_targets", ()) if target not in targets]
     if not targets:
         raise ConfigError(
             f"no default LoRA targets for {type(module).__name__}; set {option}.targets=[...] "

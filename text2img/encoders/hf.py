@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from text2img.encoders.base import TextEncoder
 from text2img.errors import ConfigError
+from text2img.lora import LoraSettings, add_lora
 # The encoding core lives in the standalone loader that exports ship, so exported models encode identically.
 from text2img.pipeline import encode_tokens, load_text_model, prepare_text_model, tokenize
 from text2img.types import TextEmbedding
-
-if TYPE_CHECKING:  # text2img.lora imports the generators, whose metrics import this module
-    from text2img.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +194,6 @@ class HFTextEncoder(TextEncoder):
         self.whole_model = model.config.num_hidden_layers == layers
         model.requires_grad_(self.mode == "full")
         if self.mode == "lora":
-            from text2img.lora import LoraSettings, add_lora
-
             trainable = add_lora(model, self.lora or LoraSettings(), "peft")
             log.info("LoRA on %s: %d trainable parameters", self.model_id, trainable)
         if self.gradient_checkpointing and self.trainable:

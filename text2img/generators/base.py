@@ -64,6 +64,10 @@ class Generator(nn.Module, ABC):
         `generators[i]`, so an image does not depend on the batch it is generated in.
         """
 
+    def lora_module(self) -> nn.Module:
+        """The part LoRA adapts with `generator_peft=lora` (the whole generator unless a subclass says otherwise)."""
+        return self
+
     def reconstruct(self, images: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
         """Images in [-1, 1] passed through the model and back (only where `reconstructs` is True)."""
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, SchedulerMixin, UNet2DConditionModel
-from torch import Tensor
+from torch import Tensor, nn
 
 from text2img.fusion.base import FusionHead
 from text2img.errors import ConfigError
@@ -101,6 +101,10 @@ class DiffusionGenerator(Generator):
         self.snr_gamma = snr_gamma
         alphas = noise_scheduler.alphas_cumprod
         self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
+
+    def lora_module(self) -> nn.Module:
+        """The UNet: a first stage (latent diffusion) stays frozen."""
+        return self.unet
 
     @property
     def prediction_type(self) -> str:

@@ -203,6 +203,11 @@ class GANGenerator(Generator):
         self.gp_weight = gp_weight
         self.gp_power = gp_power
 
+    def lora_module(self) -> nn.Module:
+        """The generator network: the discriminator trains in full (it is not shipped, and it must keep up with
+        the adapted generator)."""
+        return self.net
+
     def use_film_head(self) -> None:
         """Take every FiLM layer's (scale, shift) from the fusion head's `film` (fusion=film) instead of
         predicting it from the vector: the predictors are dropped, and the head must give `film`."""

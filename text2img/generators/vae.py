@@ -137,6 +137,8 @@ class VAEGenerator(Generator):
             # The text is unused: any head will do.
             self.requires = self.consumes = frozenset()
             return
+        # What LoRA adapts by default besides the autoencoder's attention (text2img.lora.default_targets).
+        self.lora_targets = ("text_to_map.0", "text_to_map.2", "text_to_prior.0", "text_to_prior.2")
         self.text_to_map = nn.Sequential(
             nn.Linear(cond_dim, cond_channels), nn.SiLU(), nn.Linear(cond_channels, cond_channels)
         )

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
-from text2img.lora import LoraSettings, add_lora, generator_lora_module
+from text2img.lora import LoraSettings, add_lora
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.diffusion import DiffusionGenerator, ImageEdit
@@ -83,7 +83,7 @@ class Text2ImgModule(L.LightningModule):
         if init_from is not None:
             self.load_initial_weights(init_from)
         if generator_lora is not None:
-            add_lora(generator_lora_module(generator), generator_lora, "model.generator_lora")
+            add_lora(generator.lora_module(), generator_lora, "model.generator_lora")
         # The resolved run config, stored in checkpoints so sampling and evaluation can rebuild the model.
         self.run_config: dict[str, Any] | None = None
         # Sampler settings for evaluation (guidance_scale, steps); empty = the generator's defaults.
