@@ -199,6 +199,21 @@ def test_warmup_ema_follows_early_weights_then_caps_the_decay():
     assert torch.allclose(late[0], torch.full((3,), 0.001))
 
 
+def test_ema_passes_over_frozen_weights():
+    """A frozen weight (a LoRA base) is never averaged: its copy from the first step is its average."""
+    from text2img.callbacks import EMA
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    module[0].requires_grad_(False)
+    ema = EMA()
+    ema.on_train_start(None, module)
+    frozen_copy, trainable_copy = torch.zeros(2, 2), torch.zeros(2, 2)
+    current = [module[0].weight.detach(), module[1].weight.detach()]
+    ema._average([frozen_copy, trainable_copy], current, torch.tensor(1))
+    assert torch.equal(frozen_copy, torch.zeros(2, 2))
+    assert torch.allclose(trainable_copy, module[1].weight.detach() * (1 - 2 / 11))  # decay (1+1)/(10+1)
+
+
 def test_ema_callback_averages_during_training(tmp_path, imagefolder):
     """The checkpoint's state_dict holds the average; the raw weights are kept for resuming."""
     from conftest import compose_train, smoke_overrides

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
@@ -30,8 +28,21 @@ class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, use_buffers: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"callbacks.ema.decay={decay} must be in (0, 1), e.g. 0.999")
-        super().__init__(use_buffers=use_buffers, multi_avg_fn=partial(warmup_ema_, decay=decay))
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=self._average)
+        self.decay = decay
         self.update_every_n_steps = update_every_n_steps
+        self._frozen: set[int] = set()
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Frozen weights (a LoRA-tuned LLM's base: 135M with SmolLM2) never change, so their average is their
+        # first copy; skipping them saves a full pass over them every step. Read once the model is on its device.
+        self._frozen = {p.data_ptr() for p in pl_module.parameters() if not p.requires_grad}
+
+    def _average(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        pairs = [(a, c) for a, c in zip(averaged, current) if c.data_ptr() not in self._frozen]
+        if pairs:
+            averaged, current = map(list, zip(*pairs))
+            warmup_ema_(averaged, current, num_averaged, self.decay)
