@@ -45,6 +45,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/train_throughput.py
 	$(BIN)/python experiments/bench/eval_throughput.py
+	$(BIN)/python experiments/bench/encoder_lora.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache
