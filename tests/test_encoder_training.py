@@ -142,6 +142,19 @@ def test_lora_run_saves_adapters_not_the_base_and_resumes_at_the_saved_step(tmp_
     assert probe.first == 3 and run.trainer.global_step == 6
 
 
+def test_a_bert_encoder_trains_with_lora_under_ema(tmp_path, imagefolder) -> None:
+    """MiniLM (BERT) carries int64 buffers (position and token-type ids) that the EMA must copy, not lerp."""
+    from conftest import compose_train, smoke_overrides
+    from text2img.train import build
+
+    cfg = compose_train(tmp_path, smoke_overrides(imagefolder, "encoder=minilm", "peft=lora", "trainer.max_steps=3"))
+    run = build(cfg)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.trainer.global_step == 3
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any("lora_" in key for key in saved)
+
+
 def test_generator_lora_starts_from_a_checkpoint_and_writes_adapter_files(tmp_path, imagefolder) -> None:
     from conftest import compose_train, smoke_overrides
     from text2img.lora import load_adapters

@@ -200,7 +200,8 @@ def test_warmup_ema_follows_early_weights_then_caps_the_decay():
 
 
 def test_ema_passes_over_frozen_weights():
-    """A frozen weight (a LoRA base) is never averaged: its copy from the first step is its average."""
+    """A frozen weight (a LoRA base) is never averaged: its copy from the first step is its average; integer
+    tensors are copied."""
     from text2img.callbacks import EMA
 
     module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
@@ -212,6 +213,10 @@ def test_ema_passes_over_frozen_weights():
     ema._average([frozen_copy, trainable_copy], current, torch.tensor(1))
     assert torch.equal(frozen_copy, torch.zeros(2, 2))
     assert torch.allclose(trainable_copy, module[1].weight.detach() * (1 - 2 / 11))  # decay (1+1)/(10+1)
+    # integer buffers (BERT's position ids) are copied: lerp is not defined for them
+    ids_copy = torch.zeros(4, dtype=torch.long)
+    ema._average([ids_copy], [torch.arange(4)], torch.tensor(1))
+    assert torch.equal(ids_copy, torch.arange(4))
 
 
 def test_ema_callback_averages_during_training(tmp_path, imagefolder):

@@ -42,7 +42,12 @@ class EMA(WeightAveraging):
         self._frozen = {p.data_ptr() for p in pl_module.parameters() if not p.requires_grad}
 
     def _average(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        """Called per dtype group: integer tensors (BERT's position ids, step counters) are copied, not averaged."""
         pairs = [(a, c) for a, c in zip(averaged, current) if c.data_ptr() not in self._frozen]
-        if pairs:
-            averaged, current = map(list, zip(*pairs))
+        if not pairs:
+            return
+        averaged, current = map(list, zip(*pairs))
+        if averaged[0].is_floating_point():
             warmup_ema_(averaged, current, num_averaged, self.decay)
+        else:
+            torch._foreach_copy_(averaged, current)
