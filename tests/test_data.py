@@ -276,7 +276,10 @@ def _augmenting_datamodule(folder: Path, cache_dir: Path, **options):
     source = ImageFolderSource(folder, image_size=32, val_fraction=0.2, test_fraction=0.2)
     augment = CaptionAugment(word_dropout=0.3, templates=["{caption}", "an emoji of {caption}"], variants=3)
     encoder = TinyEncoder(max_length=64, **options)
-    return Text2ImgDataModule(source, encoder, str(cache_dir), batch_size=8, caption_augment=augment)
+    reference = TinyEncoder(max_length=64) if encoder.trainable else None
+    return Text2ImgDataModule(
+        source, encoder, str(cache_dir), batch_size=8, caption_augment=augment, reference_encoder=reference
+    )
 
 
 def test_frozen_encoder_caches_the_variants_once(imagefolder: Path, tmp_path: Path, monkeypatch) -> None:
@@ -323,5 +326,23 @@ def test_trainable_encoder_gets_prompts_and_no_embeddings(imagefolder: Path, tmp
     assert any(prompt != caption for caption, prompt in zip(batch.captions, batch.prompts))
     torch.manual_seed(0)
     assert next(iter(datamodule.train_dataloader())).prompts == batch.prompts  # seeded by the global generator
+
+
+def test_a_trainable_encoder_is_evaluated_with_its_frozen_reference(imagefolder: Path, tmp_path: Path) -> None:
+    """The alignment metrics' text side stays the base model's, however far training moves the encoder."""
+    datamodule = _augmenting_datamodule(imagefolder, tmp_path / "emb", mode="full")
+    datamodule.prepare_data()
+    datamodule.setup()
+    captions, before = datamodule.prompts("val")
+    torch.testing.assert_close(before.pooled, datamodule.eval_encoder.encode(captions).pooled)
+    datamodule.encoder.load()
+    datamodule.encoder.eval()  # no dropout
+    with torch.no_grad():
+        untrained = datamodule.encoder.encode(captions).pooled
+        for param in datamodule.encoder.parameters():
+            param.add_(0.1 * torch.randn_like(param))  # what training does to it
+        assert not torch.allclose(datamodule.encoder.encode(captions).pooled, untrained)
+    torch.testing.assert_close(before.pooled, untrained)  # the reference is the base
+    torch.testing.assert_close(datamodule.prompts("val")[1].pooled, before.pooled)
     val = next(iter(datamodule.val_dataloader()))
     assert val.text is None and val.prompts == val.captions

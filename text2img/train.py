@@ -50,7 +50,9 @@ def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     """Data and model of a run config (also used to rebuild a checkpoint's model for evaluation)."""
     encoder = instantiate(cfg.encoder)
     expander = instantiate(cfg.prompt_expansion) if cfg.get("prompt_expansion") else None
-    datamodule = instantiate(cfg.data, encoder=encoder, expander=expander)
+    # An encoder that trains is evaluated against its frozen base (the alignment metrics' text side).
+    reference = instantiate(cfg.encoder, mode="frozen", lora=None, gradient_checkpointing=False) if encoder.trainable else None
+    datamodule = instantiate(cfg.data, encoder=encoder, expander=expander, reference_encoder=reference)
     generator = instantiate(cfg.generator)
     names = _choice(cfg, "fusion"), _choice(cfg, "generator")
     fusion = build_fusion(cfg.fusion, generator, *names)

@@ -44,7 +44,7 @@ class Evaluation(L.Callback):
         context = EvalContext(
             source=datamodule.source,
             split=split,
-            encoder=datamodule.encoder,
+            encoder=datamodule.eval_encoder,  # the frozen text side, also when the encoder trains
             embeddings=datamodule.cache,
             features=RealFeatureCache(self.cache_dir / "features"),
             cache_dir=self.cache_dir,

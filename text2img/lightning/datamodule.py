@@ -92,6 +92,10 @@ class Text2ImgDataModule(L.LightningDataModule):
     captions (after expansion): `caption_augment.variants` fixed versions of each, cached and drawn from at
     random, with a frozen encoder; a fresh draw per step with a trainable one. A trainable encoder
     (`encoder.trainable`) gets no embeddings at all (`Batch.text` is None): the model encodes `Batch.prompts`.
+
+    `reference_encoder`, given with a trainable encoder, is its frozen base: the evaluation's text side (the
+    alignment evaluator and the prompts it ranks) reads its cached embeddings, so that the yardstick is the
+    same before, during and after training, and the same as a frozen run's.
     """
 
     def __init__(
@@ -107,13 +111,17 @@ class Text2ImgDataModule(L.LightningDataModule):
         test_split: str = "test",
         caption_augment: CaptionAugment | None = None,
         expander: PromptExpander | None = None,
+        reference_encoder: TextEncoder | None = None,
     ) -> None:
         super().__init__()
+        if encoder.trainable != (reference_encoder is not None) or (reference_encoder and reference_encoder.trainable):
+            raise ValueError("give a reference_encoder (frozen) exactly when the encoder trains")
         for name, value in (("data.val_samples", val_samples), ("n_samples (data.eval_samples)", eval_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be a positive number of images, or null for one per prompt")
         self.source = source
         self.encoder = encoder
+        self.eval_encoder = encoder if reference_encoder is None else reference_encoder
         self.cache = EmbeddingCache(embedding_cache_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -221,15 +229,17 @@ class Text2ImgDataModule(L.LightningDataModule):
         return torch.stack([images[i][0] for i in range(min(count, len(images)))])
 
     def prompts(self, split: str) -> tuple[list[str], TextEmbedding]:
-        """The distinct captions of a split, sorted, with the embeddings of what the encoder reads for them (of
-        their first variant for augmented training captions): cached ones, or with a trainable encoder, its
-        current weights' (computed now)."""
+        """The distinct captions of a split, sorted, with the evaluation's embeddings of what the encoder reads
+        for them (of their first variant for augmented training captions): the frozen encoder's cached ones, or
+        with a trainable encoder, its frozen reference's (the base weights, whatever training did to them)."""
         assert self.splits, "call setup() first"
         texts_of = self.splits[split].prompts
         captions = sorted(texts_of)
         texts = [texts_of[caption][0] for caption in captions]
         if self.table is None:
-            return captions, self._encode_now(texts)
+            text = self.cache.lookup(self.eval_encoder, texts)
+            self.eval_encoder.unload()
+            return captions, text
         return captions, self.table[torch.tensor([self.row_of[text] for text in texts])]
 
     def sampling_prompts(self, prompts: Sequence[str]) -> tuple[list[str], TextEmbedding]:
@@ -239,16 +249,12 @@ class Text2ImgDataModule(L.LightningDataModule):
         texts = self.encoder_texts(prompts, training=False)
         if self.expander is not None:
             self.expander.unload()
-        if self.encoder.trainable:
-            return texts, self._encode_now(texts)
+        if self.encoder.trainable:  # its current weights' embeddings: nothing to cache
+            with torch.no_grad():
+                return texts, self.encoder.encode(texts)
         text = self.cache.lookup(self.encoder, texts)
         self.encoder.unload()
         return texts, text
-
-    def _encode_now(self, texts: list[str]) -> TextEmbedding:
-        """A trainable encoder's embeddings under its current weights (nothing to cache)."""
-        with torch.no_grad():
-            return self.encoder.encode(texts)
 
     def collate(self, items: list[Item]) -> Batch:
         images, captions, prompts, rows, keys, latents = zip(*items)
