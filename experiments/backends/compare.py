@@ -61,8 +61,9 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def training_images_per_s(ckpt: str, steps: int, warmup: int) -> float:
-    """Median images/s of the run's own training step (fresh weights, same config), validation off."""
+def training_speed(ckpt: str, steps: int, warmup: int) -> tuple[float, int]:
+    """Median images/s of the run's own training step (fresh weights, same config), validation off, and the
+    number of parameters that train (LoRA adapters, not their frozen bases)."""
     run_cfg = OmegaConf.create(load_checkpoint(ckpt)["text2img_config"])
     datamodule, model = build_model(run_cfg)
     timer = StepTimer()
@@ -73,8 +74,9 @@ def training_images_per_s(ckpt: str, steps: int, warmup: int) -> float:
         gradient_clip_val=trainer_clip_value(model, run_cfg.trainer.gradient_clip_val),
     )
     trainer.fit(model, datamodule=datamodule)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # A GAN's global step counts its D and G optimiser steps: time per batch is what compares.
-    return run_cfg.data.batch_size / statistics.median(timer.times[warmup:])
+    return run_cfg.data.batch_size / statistics.median(timer.times[warmup:]), trainable
 
 
 def sampling(ckpt: str, repeats: int, grid_path: Path) -> float:
@@ -153,7 +155,7 @@ def main() -> None:
             "step": checkpoint.get("global_step"),
             "parameters": parameter_counts(model),
             **evaluation(ckpt, args.n_samples, args.eval_dir / f"{name}.json"),
-            "train_images_per_s": training_images_per_s(ckpt, args.train_steps, args.warmup),
+            "train_images_per_s": training_speed(ckpt, args.train_steps, args.warmup)[0],
             "sample_images_per_s": sampling(ckpt, args.repeats, args.out / f"grid_{name}.png"),
         }
         results[name] = row
