@@ -4,7 +4,7 @@
     python experiments/fusion/collect.py heads=outputs/fusion/heads+outputs/fusion/heads_rerun   # one table
 
 Each job folder of a multirun (`python -m text2img.train -m ... logger=csv`) gives its overrides, its test
-scores (the `test/` figures in csv/metrics.csv) and its final checkpoint. The training speed of every job's
+scores (the last `val/` and `test/` figures in csv/metrics.csv) and its final checkpoint. The training speed of every job's
 configuration is then measured in this one process, job after job (fresh weights, warm-up, median step time),
 so machine noise hits all alike. Writes results.json beside this script and prints one Markdown table per
 name, its rows labelled by the overrides that vary among its jobs. A job that left no checkpoint (it failed)
@@ -31,19 +31,20 @@ from compare import training_speed  # noqa: E402  (the backends study's timing: 
 
 COLUMNS = [
     ("FID", "test/fid_effnet", ".1f"), ("KID", "test/kid_effnet", ".3f"), ("R@32", "test/r_precision", ".3f"),
-    # the LiT evaluator's text side is the run's encoder: its R@32 on real images is each encoder's ceiling
+    ("val R@32", "val/r_precision", ".3f"),
+    # the LiT evaluator's text side is the run's (frozen) encoder: its R@32 on real images is that encoder's ceiling
     ("R@32 real", "test/r_precision_real", ".3f"), ("LiT clip score", "test/clip_score_lit", ".2f"),
     ("train img/s", "train_images_per_s", ".1f"),
     ("trainable params", "trainable_parameters", ",d"),
 ]
 
 
-def test_scores(job: Path) -> dict[str, float]:
-    """The last logged value of every `test/` figure in the job's CSV log."""
+def final_scores(job: Path) -> dict[str, float]:
+    """The last logged value of every `val/` and `test/` figure in the job's CSV log."""
     scores: dict[str, float] = {}
     with open(job / "csv" / "metrics.csv", newline="") as file:
         for row in csv.DictReader(file):
-            scores.update({key: float(value) for key, value in row.items() if key.startswith("test/") and value})
+            scores.update({key: float(value) for key, value in row.items() if key.startswith(("val/", "test/")) and value})
     return scores
 
 
@@ -66,7 +67,7 @@ def collect(sweeps: list[Path], steps: int, warmup: int) -> list[dict]:
         rows.append({
             "job": str(job),
             "label": " ".join(o for o in overrides if o not in shared),
-            **test_scores(job),
+            **final_scores(job),
             "train_images_per_s": images_per_s,
             "trainable_parameters": trainable,
         })
