@@ -51,7 +51,9 @@ def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     encoder = instantiate(cfg.encoder)
     expander = instantiate(cfg.prompt_expansion) if cfg.get("prompt_expansion") else None
     # An encoder that trains is evaluated against its frozen base (the alignment metrics' text side).
-    reference = instantiate(cfg.encoder, mode="frozen", lora=None, gradient_checkpointing=False) if encoder.trainable else None
+    reference = None
+    if encoder.trainable:
+        reference = instantiate(cfg.encoder, mode="frozen", lora=None, gradient_checkpointing=False)
     datamodule = instantiate(cfg.data, encoder=encoder, expander=expander, reference_encoder=reference)
     generator = instantiate(cfg.generator)
     names = _choice(cfg, "fusion"), _choice(cfg, "generator")

@@ -114,7 +114,7 @@ class Text2ImgDataModule(L.LightningDataModule):
         reference_encoder: TextEncoder | None = None,
     ) -> None:
         super().__init__()
-        if encoder.trainable != (reference_encoder is not None) or (reference_encoder and reference_encoder.trainable):
+        if encoder.trainable != (reference_encoder is not None) or getattr(reference_encoder, "trainable", False):
             raise ValueError("give a reference_encoder (frozen) exactly when the encoder trains")
         for name, value in (("data.val_samples", val_samples), ("n_samples (data.eval_samples)", eval_samples)):
             if value is not None and value < 1:
