@@ -24,6 +24,7 @@ REQUIRED = {
     "encoder=hf": ["encoder.model=some/model", "encoder.hidden_size=64"],
     "model=gan": ["generator=gan"],  # the adversarial module trains only a GAN (generator=gan selects it)
     "fusion=film": ["generator=gan"],  # FiLM layers for its scales and shifts: the GAN's
+    "fusion=pooled_mlp": ["generator=vae"],  # one vector, no tokens: the default UNet cross-attends to tokens
     "peft=lora": ["encoder=tiny"],  # builds the model, which loads an encoder that trains
 }
 # Latent diffusion needs a first stage: a tiny local one here (training without one says how to get one).

@@ -16,7 +16,6 @@ from text2img.errors import ConfigError, root_cause
 from text2img.first_stage_run import ensure_first_stage
 from text2img.fusion import build_fusion
 from text2img.generators import LatentDiffusionGenerator
-from text2img.generators.base import check_compatible
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,6 @@ def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     generator = instantiate(cfg.generator)
     names = _choice(cfg, "fusion"), _choice(cfg, "generator")
     fusion = build_fusion(cfg.fusion, generator, *names)
-    check_compatible(fusion, generator, *names)
     if isinstance(generator, LatentDiffusionGenerator) and generator.cache_latents:
         datamodule.cache_latents(generator.first_stage, f"{cfg.paths.cache_dir}/latents")
     # An encoder that trains is part of the model; a frozen one only fills the data module's embedding cache.

@@ -1,5 +1,5 @@
 from text2img.fusion.base import FusionHead
-from text2img.fusion.build import build_fusion
+from text2img.fusion.build import build_fusion, check_compatible
 from text2img.fusion.film import FiLMHead
 from text2img.fusion.perceiver import PerceiverResampler
 from text2img.fusion.pooled_mlp import PooledMLP
@@ -14,4 +14,5 @@ __all__ = [
     "TimestepAwarePerceiver",
     "TokenProjection",
     "build_fusion",
+    "check_compatible",
 ]

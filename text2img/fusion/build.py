@@ -15,9 +15,15 @@ if TYPE_CHECKING:  # text2img.generators imports this package
 
 
 def build_fusion(fusion_cfg: DictConfig, generator: Generator, fusion_name: str, generator_name: str) -> FusionHead:
-    """Instantiate `fusion_cfg`; a head with a `film_channels` setting (fusion=film) gets the generator's FiLM
-    channels, and the generator then takes its FiLM parameters from the head. The names are the config options
-    chosen, for the error of a generator without FiLM layers."""
+    """Instantiate `fusion_cfg` and check that it can drive `generator` (`check_compatible`); a head with a
+    `film_channels` setting (fusion=film) gets the generator's FiLM channels, and the generator then takes its
+    FiLM parameters from the head. The names are the config options chosen, for the errors."""
+    fusion = _instantiate_for(fusion_cfg, generator, fusion_name, generator_name)
+    check_compatible(fusion, generator, fusion_name, generator_name)
+    return fusion
+
+
+def _instantiate_for(fusion_cfg: DictConfig, generator: Generator, fusion_name: str, generator_name: str) -> FusionHead:
     if "film_channels" not in fusion_cfg:
         return instantiate(fusion_cfg)
     if not generator.film_channels:
@@ -30,3 +36,21 @@ def build_fusion(fusion_cfg: DictConfig, generator: Generator, fusion_name: str,
     fusion = instantiate(fusion_cfg, film_channels=list(generator.film_channels))
     generator.use_film_head()
     return fusion
+
+
+def check_compatible(fusion: FusionHead, generator: Generator, fusion_name: str, generator_name: str) -> None:
+    """Fail at build time, naming both config options, when a fusion head cannot drive a generator."""
+    pair = f"fusion={fusion_name} with generator={generator_name}"
+    if fusion.out_dim != generator.cond_dim:
+        raise ConfigError(
+            f"{pair}: the fusion head outputs {fusion.out_dim} features but the generator expects "
+            f"{generator.cond_dim}; leave fusion.out_dim at its default ${{generator.cond_dim}} or make them equal"
+        )
+    missing = generator.requires - fusion.produces
+    if missing:
+        raise ConfigError(
+            f"{pair}: the head produces {sorted(fusion.produces)} but the generator consumes "
+            f"{sorted(generator.requires)}; choose a fusion head that produces {' and '.join(sorted(missing))}"
+        )
+    if fusion.timestep_aware and not generator.has_timesteps:
+        raise ConfigError(f"{pair}: a timestep-aware head needs a generator with timesteps; choose a diffusion generator")

@@ -1,4 +1,4 @@
-from text2img.generators.base import Generator, check_compatible
+from text2img.generators.base import Generator
 from text2img.generators.diffusion import DiffusionGenerator
 from text2img.generators.gan import GANGenerator
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
@@ -10,5 +10,4 @@ __all__ = [
     "Generator",
     "LatentDiffusionGenerator",
     "VAEGenerator",
-    "check_compatible",
 ]

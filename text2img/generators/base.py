@@ -91,21 +91,3 @@ def check_one_pass_sampling(generator_name: str, guidance_scale: float | None, s
         raise ConfigError(
             f"steps={steps} does not apply to generator={generator_name} (one pass, no sampling steps); leave it unset"
         )
-
-
-def check_compatible(fusion: FusionHead, generator: Generator, fusion_name: str, generator_name: str) -> None:
-    """Fail at build time, naming both config options, when a fusion head cannot drive a generator."""
-    pair = f"fusion={fusion_name} with generator={generator_name}"
-    if fusion.out_dim != generator.cond_dim:
-        raise ConfigError(
-            f"{pair}: the fusion head outputs {fusion.out_dim} features but the generator expects "
-            f"{generator.cond_dim}; leave fusion.out_dim at its default ${{generator.cond_dim}} or make them equal"
-        )
-    missing = generator.requires - fusion.produces
-    if missing:
-        raise ConfigError(
-            f"{pair}: the head produces {sorted(fusion.produces)} but the generator consumes "
-            f"{sorted(generator.requires)}; choose a fusion head that produces {' and '.join(sorted(missing))}"
-        )
-    if fusion.timestep_aware and not generator.has_timesteps:
-        raise ConfigError(f"{pair}: a timestep-aware head needs a generator with timesteps; choose a diffusion generator")
