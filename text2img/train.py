@@ -9,6 +9,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from text2img.cli import run_checked
@@ -17,6 +18,7 @@ from text2img.first_stage_run import ensure_first_stage
 from text2img.fusion import build_fusion
 from text2img.generators import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
+from text2img.sweeps import JobResult, SweepJob, finished_result, ranks_stay_in_job, write_result
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,28 @@ def _report(run: Run, cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train (and test) the configured model; returns `cfg.optimized_metric` for sweepers."""
+    """Train (and test) the configured model; returns `cfg.optimized_metric` for sweepers.
+
+    In a multirun, a job that already finished in this sweep folder returns its stored value without
+    training, and one that was interrupted resumes from its last checkpoint.
+    """
+    job = SweepJob.current()
+    if job is not None:
+        if (previous := finished_result(job)) is not None:
+            log.info("sweep job %d already finished in %s; skipping it (%s=%s)", job.num, job.folder,
+                     previous.optimized_metric, previous.value)
+            return previous.value
+        if cfg.get("ckpt_path") is None and job.last_checkpoint.exists():
+            log.info("sweep job %d resumes from %s", job.num, job.last_checkpoint)
+            cfg.ckpt_path = str(job.last_checkpoint)
+    with ranks_stay_in_job(job):
+        value = _fit_and_test(cfg)
+    if job is not None and rank_zero_only.rank == 0:
+        write_result(job, JobResult(job.overrides, cfg.optimized_metric, value))
+    return value
+
+
+def _fit_and_test(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     try:
         run = build(cfg)
