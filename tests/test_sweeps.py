@@ -37,7 +37,7 @@ def logged_steps(job: Path) -> list[int]:
 @pytest.mark.slow
 def test_ddp_multirun_keeps_each_jobs_ranks_in_its_folder_and_a_rerun_skips_finished_jobs(tmp_path, imagefolder):
     sweep = tmp_path / "sweep"
-    args = [*smoke_overrides(imagefolder), "-m", "trainer=ddp_cpu", "model.caption_dropout=0.1,0.2", "logger=csv",
+    args = ["-m", *smoke_overrides(imagefolder), "trainer=ddp_cpu", "model.caption_dropout=0.1,0.2", "logger=csv",
             "test=false", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep}"]
     run_sweep(*args)
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
