@@ -7,6 +7,7 @@ from text2img.data.imagefolder import ImageFolderSource
 from text2img.data.openmoji import OpenMojiSource
 from text2img.data.shapes import ShapesSource
 from text2img.data.splits import SPLITS, split_indices
+from text2img.data.webdataset import WebDatasetSource
 
 __all__ = [
     "SPLITS",
@@ -17,6 +18,7 @@ __all__ = [
     "ImageFolderSource",
     "OpenMojiSource",
     "ShapesSource",
+    "WebDatasetSource",
     "caption_from_name",
     "emoji_caption",
     "split_indices",
