@@ -169,3 +169,30 @@ def test_small_sample_warning_names_the_number_needed(
     with caplog.at_level("WARNING"):
         figures(extractor, real_images, whole(real_images))
     assert "use n_samples>=1281" in caplog.text
+
+
+def test_preparing_metrics_leaves_the_runs_random_stream_alone():
+    """A cold cache (whose building draws random numbers) and a warm one must give the same training."""
+    from types import SimpleNamespace
+
+    from text2img.callbacks import Evaluation
+    from text2img.metrics.base import EvalMetric
+
+    class BuildsACache(EvalMetric):
+        def prepare(self, context) -> None:
+            torch.nn.Linear(64, 64)  # a model's random init, as an extractor's or evaluator's is
+
+        def update(self, batch) -> None: ...
+
+        def compute(self) -> dict:
+            return {}
+
+    datamodule = SimpleNamespace(
+        eval_split=lambda stage: stage, prompts=lambda split: ([], None), source=None, eval_encoder=None, cache=None
+    )
+    trainer = SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    Evaluation({"cache": BuildsACache()}, cache_dir="unused").setup(trainer, None, "fit")
+    assert torch.equal(torch.rand(3), expected)

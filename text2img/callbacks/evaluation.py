@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.metrics.features import RealFeatureCache
@@ -53,8 +54,11 @@ class Evaluation(L.Callback):
             device=trainer.strategy.root_device,
         )
         metrics = {name: copy.deepcopy(metric) for name, metric in self.prototypes.items()}
-        for metric in metrics.values():
-            metric.prepare(context)
+        # Building a cache (an extractor's random init, an evaluator's training) must not move the run's random
+        # stream, or training would differ between a cold and a warm cache.
+        with torch.random.fork_rng(devices=[context.device] if context.device.type == "cuda" else []):
+            for metric in metrics.values():
+                metric.prepare(context)
         return metrics
 
     def _update(self, stage: str, pl_module: L.LightningModule, outputs: EvalOutputs) -> None:
