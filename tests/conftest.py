@@ -22,6 +22,15 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_run_outlives_its_test() -> Iterator[None]:
+    """A W&B run left open would receive the next test's logs (WandbLogger adopts a running wandb.run)."""
+    yield
+    from text2img.tracking import finish_wandb_run
+
+    finish_wandb_run()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread for a module's tests (use with `pytestmark = pytest.mark.usefixtures(...)`).

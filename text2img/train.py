@@ -19,6 +19,7 @@ from text2img.fusion import build_fusion
 from text2img.generators import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
 from text2img.sweeps import JobResult, SweepJob, finished_result, ranks_stay_in_job, write_result
+from text2img.tracking import finish_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,11 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.get("ckpt_path") is None and job.last_checkpoint.exists():
             log.info("sweep job %d resumes from %s", job.num, job.last_checkpoint)
             cfg.ckpt_path = str(job.last_checkpoint)
-    with ranks_stay_in_job(job):
-        value = _fit_and_test(cfg)
+    try:
+        with ranks_stay_in_job(job):
+            value = _fit_and_test(cfg)
+    finally:
+        finish_wandb_run()  # Lightning's WandbLogger never ends its run: the next job would log into it
     if job is not None and rank_zero_only.rank == 0:
         write_result(job, JobResult(job.overrides, cfg.optimized_metric, value))
     return value

@@ -1,4 +1,5 @@
-"""Captioned grids of generated images: a PNG in the run folder, and an image in every logger that takes one."""
+"""Captioned grids of generated images: a PNG in the run folder, and in every logger that shows images
+(W&B also gets a prompt -> image table)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import lightning as L
 import torch
 
 from text2img.grid import captioned_grid
+from text2img.tracking import SampleGrid, log_samples
 from text2img.types import EvalOutputs
 
 
@@ -25,6 +27,7 @@ class SampleGridCallback(L.Callback):
         self.ncols = ncols
         self.images: list[torch.Tensor] = []
         self.captions: list[str] = []
+        self.keys: list[int] = []
         self.last_path: Path | None = None
 
     def _collect(self, trainer: L.Trainer, outputs: EvalOutputs) -> None:
@@ -32,18 +35,20 @@ class SampleGridCallback(L.Callback):
         if trainer.is_global_zero and room > 0 and not trainer.sanity_checking:
             self.images.append(outputs.images[:room].cpu())
             self.captions.extend(outputs.captions[:room])
+            self.keys.extend(outputs.keys[:room].tolist())
 
     def _write(self, trainer: L.Trainer, stage: str) -> None:
         if not self.captions:
             return
-        grid = captioned_grid(torch.cat(self.images), self.captions, ncols=self.ncols)
+        images = torch.cat(self.images)
+        grid = captioned_grid(images, self.captions, ncols=self.ncols)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         self.last_path = self.dirpath / f"{stage}_step{trainer.global_step:06d}.png"
         grid.save(self.last_path)
+        samples = SampleGrid(stage, trainer.global_step, grid, images, self.captions, self.keys)
         for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=f"{stage}/samples", images=[grid], step=trainer.global_step)
-        self.images, self.captions = [], []
+            log_samples(logger, samples)
+        self.images, self.captions, self.keys = [], [], []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(trainer, outputs)
