@@ -215,3 +215,17 @@ def test_csv_logger_takes_the_config_and_no_images(tmp_path):
     logger.finalize("success")
     assert "val/fid_effnet" in (tmp_path / "csv/metrics.csv").read_text()
     assert OmegaConf.load(tmp_path / "csv/hparams.yaml").encoder._target_ == cfg.encoder._target_
+
+
+def test_a_resumed_runs_csv_log_keeps_the_rows_before_the_interruption(tmp_path):
+    import csv
+
+    from text2img.tracking import ResumableCSVLogger
+
+    for steps in (range(0, 4), range(3, 6)):  # interrupted after step 3, resumed from the checkpoint of step 2
+        logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+        for step in steps:
+            logger.log_metrics({"train/loss": float(step)}, step=step)
+        logger.finalize("success")
+    with open(tmp_path / "csv" / "metrics.csv") as file:
+        assert [int(row["step"]) for row in csv.DictReader(file)] == [0, 1, 2, 3, 3, 4, 5]

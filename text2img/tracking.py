@@ -16,7 +16,9 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.utilities import _scan_checkpoints
 from PIL import Image
 from torch import Tensor
@@ -144,6 +146,25 @@ class Text2ImgWandbLogger(WandbLogger):
             artifact = wandb.Artifact(name=self._checkpoint_name, type="model", metadata=metadata)
             artifact.add_file(str(file), name="model.ckpt", policy=self.add_file_policy)
             self.experiment.log_artifact(artifact, aliases=["latest", "best"] if is_best else ["latest"])
+
+
+class _AppendingCSVWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes an existing metrics.csv here; a resumed run appends to it instead."""
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger`, except that a run resumed in its folder (`ckpt_path=last`) keeps the rows logged
+    before the interruption: it appends to `metrics.csv` rather than replacing it. Steps logged again after
+    the resume appear twice, the later row last (`text2img.analysis` keeps that one)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def finish_wandb_run() -> None:
