@@ -4,7 +4,6 @@ grouped and tagged runs, and the TensorBoard and CSV loggers."""
 import glob
 import json
 import re
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 from PIL import Image
 
 from conftest import compose_train, smoke_overrides
+from text2img.analysis import wandb_records
 from text2img.tracking import (
     MAX_TAG_LENGTH,
     RunNaming,
@@ -40,33 +40,6 @@ def no_wandb_run_left(tmp_path, monkeypatch) -> Iterator[None]:
     finish_wandb_run()
 
 
-def wandb_records(run_file: Path) -> list:
-    """The protobuf records of an offline run's `run-<id>.wandb` file (what `wandb sync` uploads).
-
-    The file is a W&B header (":W&B", magic, version: 7 bytes) then LevelDB log blocks of 32 KiB, each record
-    a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes. A record still
-    being written is left out."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = run_file.read_bytes()
-    block, pos, chunks, records = 32768, 7, [], []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 or pos + 7 + length > len(data):
-            break
-        chunks.append(data[pos + 7 : pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(chunks))
-            chunks = []
-            records.append(record)
-    return records
-
-
 def finished_run_records(save_dir: Path, timeout: float = 60) -> tuple[Path, list]:
     """The offline run folder under `save_dir` and its records, once complete: `wandb.finish()` returns before
     W&B's service has written them all."""
@@ -74,7 +47,7 @@ def finished_run_records(save_dir: Path, timeout: float = 60) -> tuple[Path, lis
     (run_file,) = folder.glob("run-*.wandb")
     deadline = time.monotonic() + timeout
     while True:
-        records = wandb_records(run_file)
+        records = list(wandb_records(run_file))
         if any(record.HasField("exit") for record in records):
             return folder, records
         assert time.monotonic() < deadline, f"{run_file} has no exit record after {timeout} s"
