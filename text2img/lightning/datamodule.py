@@ -3,15 +3,16 @@ expanded), that text's cached embedding (and, for latent backends, their cached 
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from text2img.data.caption_augment import CaptionAugment
 from text2img.encoders.base import TextEncoder
@@ -75,6 +76,69 @@ class EmbeddedSplit(Dataset):
         row = None if self.row_of is None else self.row_of[prompt]
         latent = None if self.latents is None else self.latents[index]
         return image, caption, prompt, row, key, latent
+
+
+class _ResumableSampler(DistributedSampler):
+    """A `DistributedSampler` whose next pass starts `start` samples in."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
+class ResumableTrainLoader(DataLoader):
+    """The training loader: one pass per epoch, each shuffled by (seed, pass) and split across processes (a
+    `DistributedSampler`, which Lightning keeps as given), that resumes mid-epoch.
+
+    Each pass starts from `batches_trained()`, the training batches of the run so far, which Lightning restores
+    with its loops before the first pass: pass `batches_trained // len(self)`, skipping the batches of it already
+    trained on. A resumed run thus sees the batches an uninterrupted one would, where a plain loader replays the
+    epoch from its start (Lightning's own epoch count can even jump after a resume from an epoch's last step).
+
+    The items' own randomness (caption variants, augmentation) comes from torch's generator seeded per batch by
+    (seed, rank, pass, batch): the same batches in a resumed run, and no draw from the training's random stream
+    (`text2img.callbacks.RNGState` restores that one). That holds with `num_workers=0`; workers draw from their
+    own streams, which restart with a resumed pass.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, batches_trained: Callable[[], int], **kwargs: Any
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        sampler = _ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        # its own generator: workers' seeds are drawn from it, not from the training's stream
+        generator = torch.Generator().manual_seed(seed)
+        super().__init__(dataset, batch_size, sampler=sampler, drop_last=True, generator=generator, **kwargs)
+        self.seed = seed
+        self.rank = rank
+        self.batches_trained = batches_trained
+
+    # With these Lightning counts the loader as resumable (else it warns that a resumed epoch replays batches). The
+    # position is not kept here: it is the trainer's, restored before the first pass.
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, first = divmod(self.batches_trained(), max(len(self), 1))
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = first * self.batch_size
+        batches = super().__iter__()
+        return batches if self.num_workers > 0 else self._seeded(batches, epoch, first)
+
+    def _seeded(self, batches: Iterator[Batch], epoch: int, first: int) -> Iterator[Batch]:
+        for number in itertools.count(first):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.rank, epoch, number)) % 2**63)
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
 
 
 class Text2ImgDataModule(L.LightningDataModule):
@@ -267,29 +331,39 @@ class Text2ImgDataModule(L.LightningDataModule):
             prompts=list(prompts),
         )
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         sampler = None
-        if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Lightning's default DistributedSampler pads ranks with repeated samples, which would count
             # some images twice in FID; this one splits the set exactly (Lightning keeps a sampler it is given).
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            batch_size=self.eval_batch_size,
             sampler=sampler,
-            drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate,
         )
 
+    def _batches_trained(self) -> int:
+        """Training batches of the run whose step has run (restored on resume): where the next pass starts."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed if self.trainer is not None else 0
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["train"], self.batch_size, shuffle=True)
+        return ResumableTrainLoader(
+            self.splits["train"],
+            self.batch_size,
+            seed=torch.initial_seed(),  # the run's seed (`seed_everything`): the same order on every rank
+            batches_trained=self._batches_trained,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["val"], self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.splits["val"])
 
     def test_dataloader(self) -> DataLoader:
         assert self.test_set is not None, "call setup() first"
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.test_set)
