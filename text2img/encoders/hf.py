@@ -97,6 +97,11 @@ class HFTextEncoder(TextEncoder):
             )
         if mode not in MODES:
             raise ConfigError(f"encoder.mode={mode!r} is unknown; use one of {', '.join(MODES)}")
+        if mode == "full" and dtype != "float32":
+            raise ConfigError(
+                f"encoder.mode=full trains every weight, which needs float32 master weights, not "
+                f"encoder.dtype={dtype}; set encoder.dtype=float32 (trainer.precision=bf16-mixed still computes in bfloat16)"
+            )
         if lora is not None and mode != "lora":
             raise ConfigError(f"LoRA settings are given but encoder.mode={mode}; use peft=lora (encoder.mode=lora)")
         if max_length < 1 or batch_size < 1:
@@ -192,9 +197,15 @@ class HFTextEncoder(TextEncoder):
             # `layer_mean` reads only states before `hidden_index`, which these blocks all keep.
             _drop_unused_layers(model, self.hidden_index + 1)
         self.whole_model = model.config.num_hidden_layers == layers
-        model.requires_grad_(self.mode == "full")
+        # In `dtype` whatever the loader did (a model built in code starts in float32).
+        model.to(self.torch_dtype).requires_grad_(self.mode == "full")
         if self.mode == "lora":
             trainable = add_lora(model, self.lora or LoraSettings(), "peft")
+            # peft makes the adapters in the base's dtype; they train, so they keep float32 (master) weights
+            # on a base that may be bfloat16 (mixed precision computes in bfloat16 all the same).
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
             log.info("LoRA on %s: %d trainable parameters", self.model_id, trainable)
         if self.gradient_checkpointing and self.trainable:
             if not model.supports_gradient_checkpointing:

@@ -15,12 +15,15 @@ from text2img.cli import CONF_DIR
 from text2img.errors import ConfigError
 from text2img.metrics.frozen import FrozenNetwork
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 class FirstStage(FrozenNetwork):
     """A frozen `AutoencoderKL`: images in [-1, 1] <-> unscaled latents [B, C, H/f, W/f].
 
     `source` says where the weights came from (a text2img VAE checkpoint, a diffusers folder or a hub
-    name); `identity()` keys caches of its latents.
+    name); `identity()` keys caches of its latents. Its weights may be in a low precision (`load_first_stage`'s
+    `dtype`): it takes inputs of any float dtype and returns float32, with or without autocast.
     """
 
     def __init__(self, autoencoder: AutoencoderKL, source: str) -> None:
@@ -37,10 +40,14 @@ class FirstStage(FrozenNetwork):
         """How many pixels one latent position covers along each side."""
         return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.autoencoder.dtype
+
     @torch.no_grad()
     def moments(self, images: Tensor) -> Tensor:
         """Posterior parameters [B, 2C, h, w]: mean and log-variance, what a latent cache stores."""
-        return self.autoencoder.encode(images).latent_dist.parameters
+        return self.autoencoder.encode(images.to(self.dtype)).latent_dist.parameters.float()
 
     @staticmethod
     def sample_posterior(moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -52,19 +59,26 @@ class FirstStage(FrozenNetwork):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        return self.autoencoder.decode(latents).sample
+        return self.autoencoder.decode(latents.to(self.dtype)).sample.float()
 
     def identity(self) -> dict[str, Any]:
         return {"class": "AutoencoderKL", "source": self.source, "config": dict(self.autoencoder.config)}
 
 
-def load_first_stage(source: str, subfolder: str | None = None) -> FirstStage:
+def load_first_stage(source: str, subfolder: str | None = None, dtype: str = "float32") -> FirstStage:
     """A frozen first stage from a text2img checkpoint (`*.ckpt` of an unconditional `generator=vae` run),
-    a diffusers `AutoencoderKL` folder, or a hub name (`subfolder`: e.g. "vae" in a pipeline's repository)."""
+    a diffusers `AutoencoderKL` folder, or a hub name (`subfolder`: e.g. "vae" in a pipeline's repository),
+    its weights in `dtype` (float32, bfloat16 or float16; the config derives it from trainer.precision)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     if source.endswith(".ckpt"):
-        return FirstStage(_autoencoder_of_checkpoint(source), source)
-    name = source if subfolder is None else f"{source}:{subfolder}"
-    return FirstStage(_pretrained_autoencoder(source, subfolder), name)
+        autoencoder, name = _autoencoder_of_checkpoint(source), source
+    else:
+        autoencoder = _pretrained_autoencoder(source, subfolder)
+        name = source if subfolder is None else f"{source}:{subfolder}"
+    # The latent cache's key hashes the weights, so latents encoded in another dtype are never reused.
+    # (torch's `to`: diffusers' own warns on every dtype cast, even with no modules to keep in float32.)
+    return FirstStage(torch.nn.Module.to(autoencoder, getattr(torch, dtype)), name)
 
 
 def _generator_option(target: str) -> str:
