@@ -51,10 +51,15 @@ def stop_at(step: int, signal_name: str | None = None) -> list[str]:
     return entry + ([f"+callbacks.stop.signal_name={signal_name}"] if signal_name else [])
 
 
-def losses(run: Path) -> dict[int, float]:
-    """train/loss by step from the run's CSV log (Lightning's CSVLogger starts it anew in a resumed run)."""
+def loss_rows(run: Path) -> list[tuple[int, float]]:
+    """(step, train/loss) rows of the run's CSV log in order; a resumed run appends its own after the earlier ones."""
     with open(run / "csv" / "metrics.csv") as file:
-        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}
+        return [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(file) if row.get("train/loss")]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """train/loss by step; a step logged again after a resume counts with its later value."""
+    return dict(loss_rows(run))
 
 
 def checkpoint(run: Path) -> dict:
@@ -98,11 +103,10 @@ def test_a_crashed_run_resumes_exactly(tmp_path, imagefolder, reference, stop, m
         train(compose_train(tmp_path, run_overrides(imagefolder, *stop_at(stop))))
     assert checkpoint(tmp_path)["global_step"] == stop - 1
     assert "step000002.ckpt" in removed
-    before = losses(tmp_path)
+    logged = len(loss_rows(tmp_path))
     train(compose_train(tmp_path, run_overrides(imagefolder, "ckpt_path=last")))
-    after = losses(tmp_path)
-    assert min(after) == stop - 1  # the resumed run starts at the checkpoint's step...
-    assert {**before, **after} == losses(reference)  # ...and every step's loss is the uninterrupted run's
+    assert loss_rows(tmp_path)[logged][0] == stop - 1  # the resumed run starts at the checkpoint's step...
+    assert losses(tmp_path) == losses(reference)  # ...and every step's loss is the uninterrupted run's
     assert_same_state(checkpoint(tmp_path), checkpoint(reference))
 
 
@@ -124,10 +128,12 @@ def test_a_killed_run_relaunched_with_the_same_command_resumes_exactly(tmp_path,
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert 'ckpt_path="last") is set, but there is no last checkpoint' in killed.stderr  # a fresh start
     assert checkpoint(run)["global_step"] == 6
+    logged = len(loss_rows(run))
     resumed = cli(run, imagefolder, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    after = losses(run)
-    assert min(after) == 6 and after == {step: loss for step, loss in losses(reference).items() if step >= 6}
+    after = loss_rows(run)[logged:]
+    assert after == [(step, loss) for step, loss in loss_rows(reference) if step >= 6]
+    assert losses(run) == losses(reference)
     assert_same_state(checkpoint(run), checkpoint(reference))
 
 
@@ -137,8 +143,10 @@ def test_sigterm_saves_the_step_it_reached_and_exits_143(tmp_path, imagefolder, 
     assert stopped.returncode == SIGTERM_EXIT_CODE == 143, stopped.stderr[-2000:]
     assert checkpoint(tmp_path)["global_step"] == 7
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("[ls]*")) == ["last.ckpt", "step000007.ckpt"]
+    logged = len(loss_rows(tmp_path))
     train(compose_train(tmp_path, run_overrides(imagefolder, "ckpt_path=last")))
-    assert losses(tmp_path) == {STEPS - 1: losses(reference)[STEPS - 1]}
+    assert loss_rows(tmp_path)[logged:] == [(STEPS - 1, losses(reference)[STEPS - 1])]
+    assert losses(tmp_path) == losses(reference)
     assert_same_state(checkpoint(tmp_path), checkpoint(reference))
 
 
@@ -182,3 +190,38 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(1000))
     (partial,) = [p for p in tmp_path.iterdir() if p != path]  # the half-written file is beside it, hidden
     assert partial.name.startswith(".last.ckpt.") and partial.name.endswith(".tmp")
+
+
+def test_each_ddp_rank_draws_from_a_stream_of_its_own():
+    """Ranks are seeded alike; without separate streams sample i of every rank would get the same noise."""
+    from types import SimpleNamespace
+
+    from text2img.callbacks import RNGState
+
+    def first_draws(rank: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        callback = RNGState()
+        trainer = SimpleNamespace(global_rank=rank)
+        callback.on_train_batch_start(trainer, None, None, 0)
+        draws = torch.rand(4)
+        callback.on_train_batch_start(trainer, None, None, 1)  # later steps leave the stream alone
+        return torch.cat([draws, torch.rand(4)])
+
+    torch.manual_seed(0)
+    shared = torch.rand(8)
+    assert torch.equal(first_draws(0), shared)  # rank 0 (and a single process) keeps the seeded stream
+    assert not torch.equal(first_draws(1), shared) and not torch.equal(first_draws(1)[:4], first_draws(2)[:4])
+    assert torch.equal(first_draws(1), first_draws(1))  # reproducible
+
+
+def test_ema_refuses_fsdp_with_the_fix():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from text2img.callbacks import EMA
+    from text2img.errors import ConfigError
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(ConfigError, match=r"~callbacks.ema"):
+        EMA().setup(trainer, None, "fit")

@@ -199,6 +199,14 @@ def test_a_resumed_runs_csv_log_keeps_the_rows_before_the_interruption(tmp_path)
         logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
         for step in steps:
             logger.log_metrics({"train/loss": float(step)}, step=step)
+            if step == 2:  # a validation: columns the resumed run logs only later
+                logger.log_metrics({"val/fid": 9.0}, step=step)
         logger.finalize("success")
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"test/fid": 7.0}, step=5)  # a column new to the file
+    logger.finalize("success")
     with open(tmp_path / "csv" / "metrics.csv") as file:
-        assert [int(row["step"]) for row in csv.DictReader(file)] == [0, 1, 2, 3, 3, 4, 5]
+        rows = list(csv.DictReader(file))
+    assert [int(row["step"]) for row in rows] == [0, 1, 2, 2, 3, 3, 4, 5, 5]
+    assert [row["val/fid"] for row in rows if row["val/fid"]] == ["9.0"]
+    assert rows[-1]["test/fid"] == "7.0" and rows[-2]["train/loss"] == "5.0"

@@ -3,6 +3,7 @@ grids for every logger that shows images."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -150,7 +151,11 @@ class Text2ImgWandbLogger(WandbLogger):
 
 class _AppendingCSVWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
-        """Lightning deletes an existing metrics.csv here; a resumed run appends to it instead."""
+        """Lightning deletes an existing metrics.csv here; a resumed run appends to it instead, under its header
+        (the columns of rows to come are checked against it, and the file rewritten when new ones appear)."""
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
 
 
 class ResumableCSVLogger(CSVLogger):

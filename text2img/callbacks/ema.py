@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
+
+from text2img.errors import ConfigError
 
 
 def warmup_decay(num_averaged: int, decay: float) -> float:
@@ -35,6 +38,11 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: there is no whole copy to average
+            raise ConfigError("callbacks.ema cannot average FSDP-sharded weights; with trainer=fsdp drop it: '~callbacks.ema'")
+        super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Frozen weights (a LoRA-tuned LLM's base: 135M with SmolLM2) never change, so their average is their
