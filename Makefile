@@ -46,6 +46,10 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench/train_throughput.py
 	$(BIN)/python experiments/bench/eval_throughput.py
 	$(BIN)/python experiments/bench/encoder_lora.py
+	$(BIN)/python experiments/bench/ddp_cpu.py
+	$(BIN)/python experiments/bench/precision_cpu.py
+	$(BIN)/python experiments/bench/grad_accumulation.py
+	$(BIN)/python experiments/bench/long_run_memory.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -49,8 +49,16 @@ class AdversarialModule(Text2ImgModule):
     optimiser steps in `trainer.global_step`, so one batch advances it by 2 (and `trainer.max_steps` counts
     them too). Lightning clips gradients only in automatic optimisation; this module clips each step's
     gradients to `gradient_clip_val` (norm) itself. A non-finite loss stops training with the step and both
-    losses. `alignment_weight` > 0 adds the GALIP-style `LiTAlignmentLoss` to the generator's loss.
+    losses, or skips that optimiser's step (`nonfinite_loss`, as in `Text2ImgModule`): a non-finite
+    discriminator loss skips the whole batch, a non-finite generator loss the generator's step. A skipped step
+    does not advance `trainer.global_step`. `alignment_weight` > 0 adds the GALIP-style `LiTAlignmentLoss` to
+    the generator's loss.
     """
+
+    nonfinite_advice = (
+        "lower the learning rates (model.optimizer.lr, model.discriminator_optimizer.lr), keep "
+        "trainer.gradient_clip_val set, or train in trainer.precision=32-true"
+    )
 
     def __init__(
         self,
@@ -68,6 +76,8 @@ class AdversarialModule(Text2ImgModule):
         encoder: HFTextEncoder | None = None,
         init_from: str | None = None,
         generator_lora: LoraSettings | None = None,
+        nonfinite_loss: str = "stop",
+        max_consecutive_skips: int = 10,
     ) -> None:
         if not isinstance(generator, GANGenerator):
             raise ConfigError(
@@ -84,7 +94,7 @@ class AdversarialModule(Text2ImgModule):
             raise ConfigError(f"model.alignment_weight={alignment_weight} is negative; use 0 (off) or more")
         super().__init__(
             fusion, generator, text_dim, optimizer, None, caption_dropout, eval_seed, init_from=init_from,
-            generator_lora=generator_lora,
+            generator_lora=generator_lora, nonfinite_loss=nonfinite_loss, max_consecutive_skips=max_consecutive_skips,
         )
         self.automatic_optimization = False
         self.discriminator_optimizer_factory = discriminator_optimizer
@@ -126,15 +136,7 @@ class AdversarialModule(Text2ImgModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
 
-    def _diverged(self, batch_idx: int, discriminator: Tensor, generator: Tensor) -> FloatingPointError:
-        return FloatingPointError(
-            f"generator=gan: non-finite loss at step {self.trainer.global_step} (batch {batch_idx}): "
-            f"discriminator loss {discriminator.item():.4g}, generator loss {generator.item():.4g}; lower the "
-            "learning rates (model.optimizer.lr, model.discriminator_optimizer.lr), keep trainer.gradient_clip_val "
-            "set, or train in trainer.precision=32-true"
-        )
-
-    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor] | None:
         generator_optimizer, discriminator_optimizer = self.optimizers()
         gan = self.generator
         text = self.drop_captions(self.text_of(batch))
@@ -144,9 +146,13 @@ class AdversarialModule(Text2ImgModule):
 
         with self.toggled_optimizer(discriminator_optimizer):
             d = gan.discriminator_loss(batch.images, fake.detach(), text)
-            if not torch.isfinite(d.total):  # stop before the weights are spoilt, reporting both losses
-                with torch.no_grad():
-                    raise self._diverged(batch_idx, d.total, gan.generator_loss(fake, text))
+            # checked before the step spoils the weights; the generator loss is computed for the message only
+            def generator_loss() -> dict[str, Tensor]:
+                return {"generator loss": gan.generator_loss(fake, text)}
+
+            if not self.nonfinite.finite(self, {"discriminator loss": d.total}, batch_idx, generator_loss):
+                self.nonfinite.record(self, skipped=True)
+                return None
             self._step(discriminator_optimizer, d.total)
 
         with self.toggled_optimizer(generator_optimizer):
@@ -155,9 +161,10 @@ class AdversarialModule(Text2ImgModule):
                 alignment = self.alignment(fake, text)
                 g_loss = g_loss + self.alignment_weight * alignment
                 self.log("train/alignment", alignment, batch_size=len(batch))
-            if not torch.isfinite(g_loss):
-                raise self._diverged(batch_idx, d.total, g_loss.detach())
-            self._step(generator_optimizer, g_loss)
+            finite = self.nonfinite.finite(self, {"discriminator loss": d.total, "generator loss": g_loss}, batch_idx)
+            if finite:
+                self._step(generator_optimizer, g_loss)
+        self.nonfinite.record(self, skipped=not finite)
 
         self.log_dict(
             {"train/d_loss": d.total, "train/g_loss": g_loss}, prog_bar=True, batch_size=len(batch)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,80 @@ from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.diffusion import DiffusionGenerator, ImageEdit
 from text2img.types import Batch, EvalOutputs, TextEmbedding
+
+log = logging.getLogger(__name__)
+
+NONFINITE_ACTIONS = ("stop", "skip")
+
+
+class NonFiniteLossPolicy:
+    """What training does when a loss is NaN or inf (`model.nonfinite_loss`), shared by every LightningModule.
+
+    `stop` raises FloatingPointError naming the global step and the losses, before the weights are spoilt.
+    `skip` leaves the weights and optimiser state as they were for that step, counts it (`skipped_steps`, logged
+    as `train/skipped_steps`) and stops after `max_consecutive_skips` skipped steps in a row: then the weights
+    or the data are broken, not one batch. Every process takes the same decision (the count of non-finite
+    losses is summed across processes), so under DDP no process waits alone in a gradient all-reduce.
+    """
+
+    def __init__(self, action: str, max_consecutive_skips: int, advice: str) -> None:
+        if action not in NONFINITE_ACTIONS:
+            raise ConfigError(f"model.nonfinite_loss={action!r} is unknown; use stop or skip")
+        if max_consecutive_skips < 1:
+            raise ConfigError(f"model.max_consecutive_skips={max_consecutive_skips} must be >= 1")
+        self.action = action
+        self.max_consecutive_skips = max_consecutive_skips
+        self.advice = advice
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._last_failure = ""
+
+    def finite(
+        self,
+        module: L.LightningModule,
+        losses: Mapping[str, Tensor],
+        batch_idx: int,
+        also_report: Callable[[], Mapping[str, Tensor]] | None = None,
+    ) -> bool:
+        """True when every loss is finite on every process. Otherwise `stop` raises and `skip` returns False: the
+        caller must not update the weights with these losses' gradients. `also_report` gives further losses for
+        the message, computed only then.
+
+        One host sync per call; the progress bar reads the logged loss every step anyway.
+        """
+        local = sum((~torch.isfinite(loss.detach())).sum() for loss in losses.values())
+        if not module.trainer.strategy.reduce(local.float(), reduce_op="sum").item():
+            return True
+        if also_report is not None:
+            with torch.no_grad():
+                losses = {**losses, **also_report()}
+        values = ", ".join(f"{name} {float(loss.detach()):.4g}" for name, loss in losses.items())
+        where = "" if local else " (finite here, non-finite on another process)"
+        step, epoch = module.trainer.global_step, module.trainer.current_epoch
+        self._last_failure = f"non-finite loss at step {step} (epoch {epoch}, batch {batch_idx}): {values}{where}"
+        if self.action == "stop":
+            raise FloatingPointError(
+                f"{self._last_failure}; {self.advice} (or set model.nonfinite_loss=skip to skip such steps)"
+            )
+        return False
+
+    def record(self, module: L.LightningModule, skipped: bool) -> None:
+        """Count a training step, skipped or not; raise after too many skips in a row."""
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"model.nonfinite_loss=skip gave up after {self.consecutive_skips} skipped steps in a row (the "
+                    f"model.max_consecutive_skips limit; the weights or the data are broken, not one batch), the last "
+                    f"a {self._last_failure}; {self.advice}"
+                )
+            if module.trainer.is_global_zero:
+                log.warning("skipping the update: %s (%d skipped so far)", self._last_failure, self.skipped_steps)
+        else:
+            self.consecutive_skips = 0
+        if self.action == "skip":
+            module.log("train/skipped_steps", float(self.skipped_steps))
 
 
 class Text2ImgModule(L.LightningModule):
@@ -35,7 +110,14 @@ class Text2ImgModule(L.LightningModule):
     `init_from` starts the fusion head, generator and null embedding from a trained checkpoint's weights;
     `generator_lora` then freezes the generator and trains peft LoRA adapters of it (with the fusion head and
     null embedding), e.g. to adapt a trained model to new data cheaply.
+
+    A NaN or inf loss stops training (`nonfinite_loss="stop"`) or skips the update (`"skip"`), see
+    `NonFiniteLossPolicy`. With gradient accumulation a skipped batch drops its whole accumulated update.
     """
+
+    nonfinite_advice = (
+        "lower model.optimizer.lr, keep trainer.gradient_clip_val set, or train in trainer.precision=32-true"
+    )
 
     def __init__(
         self,
@@ -51,8 +133,13 @@ class Text2ImgModule(L.LightningModule):
         encoder_lr: float | None = None,
         init_from: str | None = None,
         generator_lora: LoraSettings | None = None,
+        nonfinite_loss: str = "stop",
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
+        self.nonfinite = NonFiniteLossPolicy(nonfinite_loss, max_consecutive_skips, self.nonfinite_advice)
+        # Set by a skipped batch; the next optimiser step then drops the accumulated gradients.
+        self._drop_update = False
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} must be in [0, 1)")
         if text_loss_weight < 0:
@@ -142,14 +229,29 @@ class Text2ImgModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         text = self.drop_captions(self.text_of(batch))
         loss = self.generator.training_loss(batch.images, text, self.fusion, latents=batch.latents)
+        losses = {"loss": loss}
         if self.text_loss_weight > 0:
             assert self.encoder is not None
             self.log("train/image_loss", loss, batch_size=len(batch))
             text_loss = self.encoder.next_token_loss(self.prompts_of(batch))
             self.log("train/text_loss", text_loss, batch_size=len(batch))
+            losses = {"image loss": loss, "text loss": text_loss}
             loss = loss + self.text_loss_weight * text_loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        skipped = not self.nonfinite.finite(self, losses, batch_idx)
+        self._drop_update |= skipped
+        self.nonfinite.record(self, skipped)
+        # averaged over processes: the loss of the global batch, the same curve whatever the number of processes
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        # A skipped loss still goes through backward: Lightning refuses a None step under DDP, and every
+        # process must take part in the gradient all-reduce. Its gradients are dropped before the update.
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_update:
+            # Parameters without gradients are left alone by torch optimisers: no step, no weight decay, no
+            # change of their moments. Every process agrees (see NonFiniteLossPolicy.finite).
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_update = False
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule

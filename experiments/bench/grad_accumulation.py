@@ -1,0 +1,101 @@
+"""Gradient accumulation: the cost of `trainer.accumulate_grad_batches=K` at batch B/K against one batch of B,
+and whether the two give the same losses.
+
+    python experiments/bench/grad_accumulation.py [--batch 32] [--accumulate 4] [--steps 12] [--repeats 2] [overrides ...]
+
+Both variants train the default model with the Lightning Trainer for the same number of optimizer steps on
+the same global batches (the training loader's seeded order, noise keyed by sample: see `equivalence.py`,
+caption dropout off), alternating within one process. Reports images/s (median optimizer-step time after
+warm-up), their ratio, and the largest difference of the optimizer-step losses (the mean over the K
+micro-batches). Extra arguments are Hydra overrides of conf/train.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses  # noqa: E402
+from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
+
+
+def run(cfg, datamodule, micro_batch: int, accumulate: int, steps: int) -> tuple[list[float], dict[int, float]]:
+    """Step times and per-step losses of `steps` optimizer steps."""
+    datamodule.batch_size = micro_batch
+    model = build_model(cfg)
+    losses = record_losses(model)
+    timer = OptimizerStepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, callbacks=[timer], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, precision=cfg.trainer.precision,
+        accumulate_grad_batches=accumulate,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return timer.times, mean_loss_per_step(losses)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32, help="the global batch of an optimizer step")
+    parser.add_argument("--accumulate", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.batch % args.accumulate:
+        parser.error(f"--batch {args.batch} is not a multiple of --accumulate {args.accumulate}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    cfg = compose_cfg(["model.caption_dropout=0", *args.overrides], args.out)
+    datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    variants = {"whole": (args.batch, 1), "accumulated": (args.batch // args.accumulate, args.accumulate)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    losses: dict[str, dict[int, float]] = {}
+    for _ in range(args.repeats):
+        for name, (micro_batch, accumulate) in variants.items():
+            step_times, losses[name] = run(cfg, datamodule, micro_batch, accumulate, args.steps + args.warmup)
+            times[name] += step_times[args.warmup:]
+    speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
+    steps = sorted(losses["whole"])
+    difference = [abs(losses["whole"][s] - losses["accumulated"][s]) for s in steps]
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "global_batch": args.batch,
+        "accumulate_grad_batches": args.accumulate,
+        "whole_images_per_s": round(speed["whole"], 1),
+        "accumulated_images_per_s": round(speed["accumulated"], 1),
+        "accumulated_over_whole": round(speed["accumulated"] / speed["whole"], 3),
+        "optimizer_steps_compared": len(steps),
+        "max_abs_loss_difference": float(f"{max(difference):.3g}"),
+        "loss_first_last": [round(losses["whole"][steps[0]], 4), round(losses["whole"][steps[-1]], 4)],
+        "overrides": args.overrides,
+    }
+    print(json.dumps(result, indent=2))
+    (args.out / "grad_accumulation.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

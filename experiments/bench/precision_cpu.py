@@ -1,0 +1,94 @@
+"""bf16 mixed precision against 32-bit on the CPU: training throughput and loss curves.
+
+    python experiments/bench/precision_cpu.py [--steps 20] [--repeats 2] [overrides ...]
+
+Both variants train the default model with the Lightning Trainer (`trainer.precision=32-true`, then
+`bf16-mixed`: autocast to bfloat16 on the CPU) on the same batches with the same noise (keyed by sample, see
+`equivalence.py`; caption dropout off), alternating within one process. Reports images/s (median step time
+after warm-up), their ratio, the per-step loss curves and their largest difference. Extra arguments are Hydra
+overrides of conf/train.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses  # noqa: E402
+from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
+
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def run(cfg, datamodule, precision: str, steps: int) -> tuple[list[float], dict[int, float]]:
+    model = build_model(cfg)
+    losses = record_losses(model)
+    timer = OptimizerStepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, callbacks=[timer], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, precision=precision,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return timer.times, mean_loss_per_step(losses)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    cfg = compose_cfg(["model.caption_dropout=0", *args.overrides], args.out)
+    datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    curves: dict[str, dict[int, float]] = {}
+    for _ in range(args.repeats):
+        for precision in PRECISIONS:
+            step_times, curves[precision] = run(cfg, datamodule, precision, args.steps + args.warmup)
+            times[precision] += step_times[args.warmup:]
+    batch = cfg.data.batch_size
+    speed = {p: batch / statistics.median(t) for p, t in times.items()}
+    steps = sorted(curves["32-true"])
+    difference = [abs(curves["32-true"][s] - curves["bf16-mixed"][s]) for s in steps]
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "batch_size": batch,
+        "fp32_images_per_s": round(speed["32-true"], 1),
+        "bf16_mixed_images_per_s": round(speed["bf16-mixed"], 1),
+        "bf16_over_fp32": round(speed["bf16-mixed"] / speed["32-true"], 3),
+        "max_abs_loss_difference": float(f"{max(difference):.3g}"),
+        "mean_loss_last_5": {p: round(statistics.mean(curves[p][s] for s in steps[-5:]), 4) for p in PRECISIONS},
+        "loss_curves": {p: [round(curves[p][s], 4) for s in steps] for p in PRECISIONS},
+        "overrides": args.overrides,
+    }
+    print(json.dumps(result, indent=2))
+    (args.out / "precision_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
