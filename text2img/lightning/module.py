@@ -58,15 +58,17 @@ class NonFiniteLossPolicy:
 
         One host sync per call; the progress bar reads the logged loss every step anyway.
         """
+        trainer = module._trainer  # None for a step run outside a fit (a test, a notebook)
         local = sum((~torch.isfinite(loss.detach())).sum() for loss in losses.values())
-        if not module.trainer.strategy.reduce(local.float(), reduce_op="sum").item():
+        everywhere = local if trainer is None else trainer.strategy.reduce(local.float(), reduce_op="sum")
+        if not everywhere.item():
             return True
         if also_report is not None:
             with torch.no_grad():
                 losses = {**losses, **also_report()}
         values = ", ".join(f"{name} {float(loss.detach()):.4g}" for name, loss in losses.items())
         where = "" if local else " (finite here, non-finite on another process)"
-        step, epoch = module.trainer.global_step, module.trainer.current_epoch
+        step, epoch = module.global_step, module.current_epoch
         self._last_failure = f"non-finite loss at step {step} (epoch {epoch}, batch {batch_idx}): {values}{where}"
         if self.action == "stop":
             raise FloatingPointError(
@@ -85,7 +87,7 @@ class NonFiniteLossPolicy:
                     f"model.max_consecutive_skips limit; the weights or the data are broken, not one batch), the last "
                     f"a {self._last_failure}; {self.advice}"
                 )
-            if module.trainer.is_global_zero:
+            if module.global_rank == 0:
                 log.warning("skipping the update: %s (%d skipped so far)", self._last_failure, self.skipped_steps)
         else:
             self.consecutive_skips = 0
