@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +28,7 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses  # noqa: E402
+from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses, side_by_side  # noqa: E402
 from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
 
 VARIANTS = {"single": ("cpu", 1), "ddp": ("ddp_cpu", 2)}
@@ -90,21 +87,9 @@ def main() -> None:
             times[name] += ranks[0]["times"][args.warmup:]
             losses[name] = mean_loss_per_step([tuple(item) for rank in ranks for item in rank["losses"]])
             threads[name] = ranks[0]["threads"]
-    speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
-    steps = sorted(losses["single"])
-    difference = [abs(losses["single"][s] - losses["ddp"][s]) for s in steps]
-
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "global_batch": args.batch,
+        **side_by_side(args.batch, times, losses, "single", "ddp"),
         "threads_per_process": threads,
-        "single_images_per_s": round(speed["single"], 1),
-        "ddp_images_per_s": round(speed["ddp"], 1),
-        "ddp_over_single": round(speed["ddp"] / speed["single"], 3),
-        "steps_compared": len(steps),
-        "max_abs_loss_difference": float(f"{max(difference):.3g}"),
-        "loss_first_last": [round(losses["single"][steps[0]], 4), round(losses["single"][steps[-1]], 4)],
         "overrides": args.overrides,
     }
     print(json.dumps(result, indent=2))

@@ -14,6 +14,9 @@ global batch is then a function of the weights and the samples only, however the
 
 from __future__ import annotations
 
+import os
+import platform
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,3 +87,25 @@ class OptimizerStepTimer(L.Callback):
         if self._last is not None:
             self.times.append(now - self._last[1])
         self._last = (trainer.global_step, now)
+
+
+def side_by_side(
+    batch: int, times: dict[str, list[float]], losses: dict[str, dict[int, float]], reference: str, other: str
+) -> dict:
+    """What every two-variant bench reports: each variant's images/s (median step), their ratio, and how far
+    apart their loss curves are (per optimizer step, the same global batch)."""
+    speed = {name: batch / statistics.median(step_times) for name, step_times in times.items()}
+    steps = sorted(losses[reference])
+    difference = [abs(losses[reference][step] - losses[other][step]) for step in steps]
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "global_batch": batch,
+        f"{reference}_images_per_s": round(speed[reference], 1),
+        f"{other}_images_per_s": round(speed[other], 1),
+        f"{other}_over_{reference}": round(speed[other] / speed[reference], 3),
+        "steps_compared": len(steps),
+        "max_abs_loss_difference": float(f"{max(difference):.3g}"),
+        "loss_first_last": [round(losses[reference][steps[0]], 4), round(losses[reference][steps[-1]], 4)],
+    }

@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses  # noqa: E402
+from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses, side_by_side  # noqa: E402
 from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
 
 
@@ -75,22 +71,9 @@ def main() -> None:
         for name, (micro_batch, accumulate) in variants.items():
             step_times, losses[name] = run(cfg, datamodule, micro_batch, accumulate, args.steps + args.warmup)
             times[name] += step_times[args.warmup:]
-    speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
-    steps = sorted(losses["whole"])
-    difference = [abs(losses["whole"][s] - losses["accumulated"][s]) for s in steps]
-
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        "global_batch": args.batch,
+        **side_by_side(args.batch, times, losses, "whole", "accumulated"),
         "accumulate_grad_batches": args.accumulate,
-        "whole_images_per_s": round(speed["whole"], 1),
-        "accumulated_images_per_s": round(speed["accumulated"], 1),
-        "accumulated_over_whole": round(speed["accumulated"] / speed["whole"], 3),
-        "optimizer_steps_compared": len(steps),
-        "max_abs_loss_difference": float(f"{max(difference):.3g}"),
-        "loss_first_last": [round(losses["whole"][steps[0]], 4), round(losses["whole"][steps[-1]], 4)],
         "overrides": args.overrides,
     }
     print(json.dumps(result, indent=2))

@@ -14,21 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses  # noqa: E402
+from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses, side_by_side  # noqa: E402
 from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -68,20 +65,9 @@ def main() -> None:
         for precision in PRECISIONS:
             step_times, curves[precision] = run(cfg, datamodule, precision, args.steps + args.warmup)
             times[precision] += step_times[args.warmup:]
-    batch = cfg.data.batch_size
-    speed = {p: batch / statistics.median(t) for p, t in times.items()}
     steps = sorted(curves["32-true"])
-    difference = [abs(curves["32-true"][s] - curves["bf16-mixed"][s]) for s in steps]
-
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        "batch_size": batch,
-        "fp32_images_per_s": round(speed["32-true"], 1),
-        "bf16_mixed_images_per_s": round(speed["bf16-mixed"], 1),
-        "bf16_over_fp32": round(speed["bf16-mixed"] / speed["32-true"], 3),
-        "max_abs_loss_difference": float(f"{max(difference):.3g}"),
+        **side_by_side(cfg.data.batch_size, times, curves, "32-true", "bf16-mixed"),
         "mean_loss_last_5": {p: round(statistics.mean(curves[p][s] for s in steps[-5:]), 4) for p in PRECISIONS},
         "loss_curves": {p: [round(curves[p][s], 4) for s in steps] for p in PRECISIONS},
         "overrides": args.overrides,
