@@ -225,3 +225,13 @@ def test_ema_refuses_fsdp_with_the_fix():
     trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
     with pytest.raises(ConfigError, match=r"~callbacks.ema"):
         EMA().setup(trainer, None, "fit")
+
+
+def test_the_training_order_follows_the_runs_seed_not_a_ranks_reseeded_stream(monkeypatch):
+    from text2img.lightning.datamodule import run_seed
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    torch.manual_seed(12345)  # as RNGState does on ranks > 0
+    assert run_seed() == 7
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert run_seed() == 12345

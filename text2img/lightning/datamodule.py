@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -76,6 +77,13 @@ class EmbeddedSplit(Dataset):
         row = None if self.row_of is None else self.row_of[prompt]
         latent = None if self.latents is None else self.latents[index]
         return image, caption, prompt, row, key, latent
+
+
+def run_seed() -> int:
+    """The run's seed as `seed_everything` set it (inherited by DDP ranks), else torch's: the training order's seed,
+    the same on every rank. Not `torch.initial_seed()` alone: ranks > 0 reseed torch with streams of their own
+    (`text2img.callbacks.RNGState`), and a loader built after that would shuffle differently on each rank."""
+    return int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
 
 
 class _ResumableSampler(DistributedSampler):
@@ -354,7 +362,7 @@ class Text2ImgDataModule(L.LightningDataModule):
         return ResumableTrainLoader(
             self.splits["train"],
             self.batch_size,
-            seed=torch.initial_seed(),  # the run's seed (`seed_everything`): the same order on every rank
+            seed=run_seed(),
             batches_trained=self._batches_trained,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
