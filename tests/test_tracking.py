@@ -210,3 +210,15 @@ def test_a_resumed_runs_csv_log_keeps_the_rows_before_the_interruption(tmp_path)
     assert [int(row["step"]) for row in rows] == [0, 1, 2, 2, 3, 3, 4, 5, 5]
     assert [row["val/fid"] for row in rows if row["val/fid"]] == ["9.0"]
     assert rows[-1]["test/fid"] == "7.0" and rows[-2]["train/loss"] == "5.0"
+
+
+def test_a_run_resumed_in_its_folder_continues_its_wandb_run(tmp_path):
+    ids = []
+    for _ in range(2):  # the first launch, then the one that resumes in the same folder
+        cfg = compose_train(tmp_path / "run", ["logger=wandb"])
+        ids.append(instantiate(cfg.logger.wandb).experiment.id)
+        finish_wandb_run()
+    cfg = compose_train(tmp_path / "other", ["logger=wandb"])
+    other = instantiate(cfg.logger.wandb).experiment.id
+    assert ids[0] == ids[1] != other
+    assert sorted(p.name[-len(other):] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")) == ids

@@ -4,6 +4,7 @@ grids for every logger that shows images."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import netrc
 import os
@@ -78,13 +79,19 @@ def sweep_run_naming() -> RunNaming:
     )
 
 
+def folder_run_id(run_folder: str) -> str:
+    """A W&B run id fixed by the run's folder (its absolute path, which a requeued job on another node shares)."""
+    return hashlib.sha256(str(Path(run_folder).resolve()).encode()).hexdigest()[:16]
+
+
 class Text2ImgWandbLogger(WandbLogger):
-    """Lightning's `WandbLogger` writing under `save_dir/wandb/`, with three changes:
+    """Lightning's `WandbLogger` writing under `save_dir/wandb/`, with four changes:
 
     - offline when there are no credentials (or `WANDB_MODE=offline`), checkpoint artifacts included:
       `wandb sync` uploads them later (Lightning refuses `log_model` with its own `offline=True`);
     - in a Hydra multirun, each job's run is grouped by sweep, named and tagged by its overrides
       (an explicit `group` or `name` wins; `tags` are added to the overrides);
+    - the run id follows from the run folder, so a run resumed there (`ckpt_path=last`) continues its W&B run;
     - with `log_model`, the "best" alias goes only to a monitored checkpoint, and a `last.ckpt` link is
       not uploaded a second time beside its target.
     """
@@ -111,6 +118,9 @@ class Text2ImgWandbLogger(WandbLogger):
                 )
         if offline:
             kwargs["mode"] = "offline"  # wandb.init's offline mode: it records artifacts for `wandb sync`
+        # One W&B run per run folder: a run resumed in its folder (ckpt_path=last, a requeued sweep job) continues it.
+        kwargs.setdefault("id", folder_run_id(save_dir))
+        kwargs.setdefault("resume", "allow")
         naming = sweep_run_naming()
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(
