@@ -109,3 +109,18 @@ def side_by_side(
         "max_abs_loss_difference": float(f"{max(difference):.3g}"),
         "loss_first_last": [round(losses[reference][steps[0]], 4), round(losses[reference][steps[-1]], 4)],
     }
+
+
+def timed_fit(model: Text2ImgModule, datamodule: L.LightningDataModule, steps: int, **trainer_options) -> tuple[
+    list[float], dict[int, float]
+]:
+    """Optimizer-step times and per-step mean losses of `steps` steps on one CPU process (no logger,
+    checkpoints or validation); `trainer_options` are the variant's (precision, accumulate_grad_batches...)."""
+    losses = record_losses(model)
+    timer = OptimizerStepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, callbacks=[timer], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **trainer_options,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return timer.times, mean_loss_per_step(losses)

@@ -21,27 +21,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses, side_by_side  # noqa: E402
+from equivalence import side_by_side, timed_fit  # noqa: E402
 from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
 def run(cfg, datamodule, precision: str, steps: int) -> tuple[list[float], dict[int, float]]:
-    model = build_model(cfg)
-    losses = record_losses(model)
-    timer = OptimizerStepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, callbacks=[timer], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        gradient_clip_val=cfg.trainer.gradient_clip_val, precision=precision,
-    )
-    trainer.fit(model, datamodule=datamodule)
-    return timer.times, mean_loss_per_step(losses)
+    return timed_fit(build_model(cfg), datamodule, steps, gradient_clip_val=cfg.trainer.gradient_clip_val,
+                     precision=precision)
 
 
 def main() -> None:
