@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 
 from text2img.errors import ConfigError
 
+# The dtypes weights can be loaded in (`encoder.dtype`, `generator.first_stage.dtype`)
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 # Lightning's precision settings (`trainer.precision`) -> the dtype of frozen weights
 FROZEN_DTYPES = {
     "32-true": "float32", "32": "float32",

@@ -9,7 +9,7 @@ trainer.val_check_interval=250 logger=csv test=false`; extra arguments are furth
 RSS at the first and last sample, its maximum, and the least-squares slope in MB per 100 steps (validations
 included); data loader workers, if any, are counted separately. Target: no growth (slope ~0).
 
-The non-finite check (`NonFiniteLossPolicy.finite`, one host sync per step) is timed on its own afterwards,
+The non-finite check (`text2img.lightning.nonfinite.NonFiniteLossPolicy.finite`, one host sync per step) is timed on its own afterwards,
 against the median training step of the same run.
 """
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from text2img.encoders.base import TextEncoder
 from text2img.errors import ConfigError
 from text2img.lora import LoraSettings, add_lora
+from text2img.precision import WEIGHT_DTYPES
 # The encoding core lives in the standalone loader that exports ship, so exported models encode identically.
 from text2img.pipeline import encode_tokens, load_text_model, prepare_text_model, tokenize
 from text2img.types import TextEmbedding
@@ -24,7 +25,6 @@ from text2img.types import TextEmbedding
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean")
-DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("frozen", "lora", "full")
 # Bidirectional encoders: every position sees the next token, so they have no next-token loss.
 BIDIRECTIONAL = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet", "albert")
@@ -87,8 +87,8 @@ class HFTextEncoder(TextEncoder):
             raise ValueError(f"encoder.template={template!r} lacks '{{caption}}'; add it where the caption goes")
         if pooling not in POOLINGS:
             raise ValueError(f"encoder.pooling={pooling!r} is unknown; use one of {', '.join(POOLINGS)}")
-        if dtype not in DTYPES:
-            raise ValueError(f"encoder.dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"encoder.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
         if layer_mean < 1:
             raise ValueError(f"encoder.layer_mean={layer_mean} must be >= 1 (1 = the layer alone)")
         if system_prompt is not None and not chat_template:

@@ -14,8 +14,8 @@ from torch import Tensor
 from text2img.cli import CONF_DIR
 from text2img.errors import ConfigError
 from text2img.metrics.frozen import FrozenNetwork
+from text2img.precision import WEIGHT_DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class FirstStage(FrozenNetwork):
@@ -69,8 +69,8 @@ def load_first_stage(source: str, subfolder: str | None = None, dtype: str = "fl
     """A frozen first stage from a text2img checkpoint (`*.ckpt` of an unconditional `generator=vae` run),
     a diffusers `AutoencoderKL` folder, or a hub name (`subfolder`: e.g. "vae" in a pipeline's repository),
     its weights in `dtype` (float32, bfloat16 or float16; the config derives it from trainer.precision)."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
     if source.endswith(".ckpt"):
         autoencoder, name = _autoencoder_of_checkpoint(source), source
     else:
