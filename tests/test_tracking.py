@@ -221,4 +221,6 @@ def test_a_run_resumed_in_its_folder_continues_its_wandb_run(tmp_path):
     cfg = compose_train(tmp_path / "other", ["logger=wandb"])
     other = instantiate(cfg.logger.wandb).experiment.id
     assert ids[0] == ids[1] != other
-    assert sorted(p.name[-len(other):] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")) == ids
+    # offline-run-<date>_<time>-<id>, with "-1" appended when both launches fall in the same second
+    folders = [p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*")]
+    assert len(folders) == 2 and all(f"-{ids[0]}" in name for name in folders), folders
