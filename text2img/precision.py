@@ -1,6 +1,6 @@
 """The dtype each kind of weight is loaded in, derived from `trainer.precision` (the one place precision is set).
 
-Configs read it through the `weights_dtype` resolver, registered when `text2img` is imported (`oc.select`: a
+Configs read it through the `weights_dtype` resolver (text2img.resolvers) (`oc.select`: a
 config composed without a trainer means 32-true):
 
     dtype: ${weights_dtype:${oc.select:trainer.precision,32-true}}           # a frozen network (the first stage)
@@ -13,8 +13,6 @@ the low precision under autocast and keep float32 master weights (LoRA adapters 
 """
 
 from __future__ import annotations
-
-from omegaconf import OmegaConf
 
 from text2img.errors import ConfigError
 
@@ -40,7 +38,3 @@ def weights_dtype(precision: str | int, mode: str = "frozen") -> str:
             "or set encoder.dtype and generator.first_stage.dtype yourself"
         )
     return "float32" if mode == "full" else dtype
-
-
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("weights_dtype", weights_dtype, replace=True)
