@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from text2img.callbacks.evaluation import Evaluation
-from text2img.cli import run_checked
+from text2img.cli import CONF_DIR, run_checked
 from text2img.checkpoint import load_model, run_folder
 from text2img.train import user_error
 
@@ -86,7 +86,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

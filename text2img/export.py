@@ -29,7 +29,7 @@ from torch.export import Dim
 
 from text2img import pipeline
 from text2img.checkpoint import load_model
-from text2img.cli import run_checked
+from text2img.cli import CONF_DIR, run_checked
 from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
 from text2img.files import atomic_path
@@ -301,7 +301,7 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
     export(cfg)
 

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from text2img.checkpoint import load_model, run_folder
-from text2img.cli import run_checked
+from text2img.cli import CONF_DIR, run_checked
 from text2img.data.base import uint8_to_tensor
 from text2img.data.imagefolder import load_rgb_square
 from text2img.errors import ConfigError
@@ -220,7 +220,7 @@ def sample(cfg: DictConfig) -> Sampled:
     return Sampled(folder, paths, grid)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
 def hydra_main(cfg: DictConfig) -> None:
     sample(cfg)
 

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from text2img.cli import run_checked
+from text2img.cli import CONF_DIR, run_checked
 from text2img.errors import ConfigError, root_cause
 from text2img.first_stage_run import ensure_first_stage
 from text2img.fusion import build_fusion
@@ -157,7 +157,7 @@ def _fit_and_test(cfg: DictConfig) -> float | None:
     return None if value is None else float(value)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     return train(cfg)
 
