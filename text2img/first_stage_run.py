@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 import time
@@ -85,10 +87,10 @@ def trained_first_stage(overrides: list[str], cache_dir: Path, shared_cache_dir:
         log.info("first stage: training it with python -m text2img.train %s (in %s)", command, folder)
         start = time.perf_counter()
         args = [*overrides, f"hydra.run.dir='{run_dir}'", f"paths.cache_dir='{shared_cache_dir}'"]
-        done = subprocess.run([sys.executable, "-m", "text2img.train", *args], check=False)
-        if done.returncode != 0:
+        returncode = run_relayed([sys.executable, "-m", "text2img.train", *args], prefix="first stage |")
+        if returncode != 0:
             raise ConfigError(
-                f"the first-stage run (python -m text2img.train {command}) failed with exit code {done.returncode}; "
+                f"the first-stage run (python -m text2img.train {command}) failed with exit code {returncode}; "
                 "its output is above; fix it or set generator.first_stage.source"
             )
         if not (run_dir / CHECKPOINT).is_file():
@@ -97,3 +99,32 @@ def trained_first_stage(overrides: list[str], cache_dir: Path, shared_cache_dir:
 
     build_once(folder, train_to)
     return folder / CHECKPOINT
+
+
+# A line of Hydra's default console format: [time][logger][LEVEL] - message
+HYDRA_LOG_LINE = re.compile(r"^\[[^]]*\]\[[^]]*\]\[(?P<level>[A-Z]+)\] - (?P<message>.*)$")
+
+
+def run_relayed(command: list[str], prefix: str) -> int:
+    """Run `command` and log each line of its output (stdout and stderr) as `<prefix> <line>`, at the level it was
+    logged with; returns its exit code.
+
+    So a nested run's progress reaches this run's console and log file (`train.log`), marked as the nested run's.
+    Its output is a pipe, so it reports progress as periodic log lines rather than a live bar; of a line redrawn
+    with carriage returns (a tqdm bar), only the last state is kept.
+    """
+    levels = logging.getLevelNamesMapping()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as it is written, not a block at a time
+    # Bytes, not text mode: text mode would turn each carriage return into a line of its own.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment) as child:
+        assert child.stdout is not None
+        for raw in child.stdout:
+            line = raw.decode(errors="replace").rstrip().rpartition("\r")[2]
+            if not line:
+                continue
+            match = HYDRA_LOG_LINE.match(line)
+            if match:
+                log.log(levels.get(match["level"], logging.INFO), "%s %s", prefix, match["message"])
+            else:
+                log.info("%s %s", prefix, line)
+    return child.returncode

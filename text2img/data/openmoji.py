@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from importlib.resources import as_file, files
@@ -33,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from text2img.files import build_once
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
 from text2img.data.captions import emoji_caption
+from text2img.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ class OpenMojiRender:
             )
 
 
-def render_openmoji(image_size: int) -> OpenMojiRender:
-    """Render every emoji the font can draw as an `image_size` square RGB image on white."""
+def render_openmoji(image_size: int, progress: Progress) -> OpenMojiRender:
+    """Render every emoji the font can draw as an `image_size` square RGB image on white; `progress` counts the
+    emoji tried."""
     with as_file(font_file()) as path:
         font = ImageFont.truetype(str(path), _FONT_SIZE * max(1, math.ceil(image_size / 128)))
     ascent, descent = font.getmetrics()
@@ -103,7 +104,10 @@ def render_openmoji(image_size: int) -> OpenMojiRender:
     captions: list[str] = []
     points: list[str] = []
     skipped: list[str] = []
-    for ch, name in fully_qualified_emoji():
+    candidates = fully_qualified_emoji()
+    progress.total = len(candidates)
+    for ch, name in candidates:
+        progress.advance()
         if font.getlength(ch) > em * _MAX_GLYPH_EMS:
             skipped.append(name)
             continue
@@ -149,16 +153,10 @@ class OpenMojiSource(ImageCaptionSource):
         self.skipped = render.skipped
 
     def _render(self, path: Path) -> None:
-        start = time.perf_counter()
-        render = render_openmoji(self.image_size)
-        render.save(path)
-        log.info(
-            "openmoji: rendered %d emoji at %d px in %.1f s -> %s",
-            len(render.images),
-            self.image_size,
-            time.perf_counter() - start,
-            self.cache_path,
-        )
+        with Progress(f"rendering OpenMoji at {self.image_size} px", None, "emoji") as progress:
+            render = render_openmoji(self.image_size, progress)
+            render.save(path)
+            progress.detail = f"{len(render.images)} drawn -> {self.cache_path}"
         if render.skipped:
             log.warning(
                 "openmoji: skipped %d of %d emoji that the OpenMoji font cannot draw (e.g. %s)",

@@ -39,10 +39,8 @@ composition, seed).
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -55,11 +53,11 @@ from PIL import Image, ImageDraw
 from text2img.data.augment import ImageAugment
 from text2img.files import build_once
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
+from text2img.progress import Progress
 
 if TYPE_CHECKING:
     from text2img.metrics.attributes import ShapesAttributeChecker
 
-log = logging.getLogger(__name__)
 
 # Bump when drawing, layout or caption rules change: the cache file name includes it.
 RENDER_VERSION = 1
@@ -309,17 +307,20 @@ class ShapesRender:
             return cls(data["images"], data["captions"].tolist(), data["composition_ids"])
 
 
-def render_shapes(image_size: int, images_per_composition: int, seed: int) -> ShapesRender:
-    """`images_per_composition` images of every composition, phrasings taken in turn."""
+def render_shapes(image_size: int, images_per_composition: int, seed: int, progress: Progress) -> ShapesRender:
+    """`images_per_composition` images of every composition, phrasings taken in turn; `progress` counts images."""
     geometry = Geometry.at(image_size)
     rng = np.random.default_rng(seed)
+    compositions = all_compositions()
+    progress.total = len(compositions) * images_per_composition
     images, captions, ids = [], [], []
-    for index, composition in enumerate(all_compositions()):
+    for index, composition in enumerate(compositions):
         for i in range(images_per_composition):
             images.append(render(composition, geometry, rng))
             # Offset by the composition so phrasings are equally common for any images_per_composition.
             captions.append(caption(composition, (index + i) % len(PHRASINGS)))
             ids.append(index)
+        progress.advance(images_per_composition)
     return ShapesRender(np.stack(images), captions, np.array(ids, dtype=np.int64))
 
 
@@ -414,16 +415,9 @@ class ShapesSource(ImageCaptionSource):
         self.compositions = [every[i] for i in render.composition_ids.tolist()]
 
     def _render(self, path: Path) -> None:
-        start = time.perf_counter()
-        render = render_shapes(self.image_size, self.images_per_composition, self.seed)
-        render.save(path)
-        log.info(
-            "shapes: rendered %d images at %d px in %.1f s -> %s",
-            len(render.images),
-            self.image_size,
-            time.perf_counter() - start,
-            self.cache_path,
-        )
+        with Progress(f"rendering shapes at {self.image_size} px", None, "images") as progress:
+            render_shapes(self.image_size, self.images_per_composition, self.seed, progress).save(path)
+            progress.detail = f"-> {self.cache_path}"
 
     @property
     def captions(self) -> list[str]:

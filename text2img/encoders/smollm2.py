@@ -9,14 +9,18 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 from filelock import FileLock
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, modeling_gguf_pytorch_utils
 
 from text2img.encoders.hf import HFTextEncoder
 from text2img.pipeline import load_gguf
+from text2img.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,11 @@ def convert(target: Path) -> Path:
     with FileLock(f"{target}.lock"):
         if target.is_dir():  # another process converted it while this one waited
             return target
+        # Reading the GGUF file's metadata three times (tokenizer, config, weights) takes most of the time: announce it.
+        log.info("converting %s to safetensors in %s, once (about a minute on 2 CPU cores)", GGUF_FILE, target)
         start = time.perf_counter()
-        tokenizer, model = load_gguf(str(package_dir()), GGUF_FILE)
+        with _gguf_tensors_reported():
+            tokenizer, model = load_gguf(str(package_dir()), GGUF_FILE)
         scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             model.save_pretrained(scratch)
@@ -56,6 +63,24 @@ def convert(target: Path) -> Path:
             raise
         log.info("Converted %s to %s in %.1f s", GGUF_FILE, target, time.perf_counter() - start)
     return target
+
+
+@contextmanager
+def _gguf_tensors_reported() -> Iterator[None]:
+    """transformers dequantises a GGUF file's tensors under its own tqdm bar, which writes carriage returns into
+    log files and pipes: report them with `Progress` instead (left alone if transformers no longer has that bar)."""
+
+    def each_tensor(tensors: Sequence[Any], **tqdm_options: Any) -> Iterator[Any]:
+        with Progress("dequantising GGUF tensors", len(tensors), "tensors") as progress:
+            for tensor in tensors:
+                yield tensor
+                progress.advance()
+
+    if not hasattr(modeling_gguf_pytorch_utils, "tqdm"):
+        yield
+        return
+    with mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", each_tensor):
+        yield
 
 
 class SmolLM2Encoder(HFTextEncoder):

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from text2img.data.base import ImageCaptionSource
 from text2img.files import build_once
 from text2img.generators.first_stage import FirstStage
-
-log = logging.getLogger(__name__)
+from text2img.progress import Progress
 
 LATENT_CACHE_VERSION = 1
 
@@ -69,22 +67,19 @@ class LatentCache:
 
         def encode_to(tmp: Path) -> None:
             nonlocal encoded
-            start = time.perf_counter()
-            moments = self._encode(source, torch.device(device))
-            # the identity in the file's metadata, for people browsing the cache
-            save_file({"moments": moments}, str(tmp), metadata={"identity": json.dumps(identity, default=str)})
+            images = source.split("train", augmented=False)
+            with Progress("encoding the training images to latents", len(images), "images") as progress:
+                moments = self._encode(images, torch.device(device), progress)
+                # the identity in the file's metadata, for people browsing the cache
+                save_file({"moments": moments}, str(tmp), metadata={"identity": json.dumps(identity, default=str)})
+                progress.detail = f"moments {tuple(moments.shape[1:])}"
             encoded = True
-            log.info(
-                "Encoded %d training images to latents %s in %.1f s", len(moments), tuple(moments.shape[1:]),
-                time.perf_counter() - start,
-            )
 
         build_once(self._path(identity), encode_to)
         return encoded
 
     @torch.no_grad()
-    def _encode(self, source: ImageCaptionSource, device: torch.device) -> Tensor:
-        images = source.split("train", augmented=False)
+    def _encode(self, images: Dataset, device: torch.device, progress: Progress) -> Tensor:
         home = next(self.first_stage.parameters()).device
         self.first_stage.to(device)
         try:
@@ -92,6 +87,7 @@ class LatentCache:
             for start in range(0, len(images), self.batch_size):
                 batch = torch.stack([images[i][0] for i in range(start, min(start + self.batch_size, len(images)))])
                 chunks.append(self.first_stage.moments(batch.to(device)).float().cpu())
+                progress.advance(len(batch))
         finally:
             self.first_stage.to(home)
         return torch.cat(chunks).contiguous()

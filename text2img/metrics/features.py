@@ -7,9 +7,7 @@ these per-image features, so one pass of the extractor over a split serves every
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -20,8 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from text2img.data.base import ImageCaptionSource
 from text2img.files import build_once
 from text2img.metrics.frozen import ImageFeatureExtractor
-
-log = logging.getLogger(__name__)
+from text2img.progress import Progress
 
 
 def extractor_identity(extractor: ImageFeatureExtractor) -> str:
@@ -32,10 +29,21 @@ def _images_only(items: list[tuple[Tensor, str]]) -> Tensor:
     return torch.stack([image for image, _ in items])
 
 
-def extract(dataset: Dataset, extractor: ImageFeatureExtractor, batch_size: int = 64, device: torch.device | str = "cpu") -> Tensor:
-    """Features [N, F] of every image of an image-caption dataset (images in [-1, 1]), in order."""
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_images_only)
-    return torch.cat([extractor(((images + 1) / 2).to(device)).cpu() for images in loader])
+def extract(
+    dataset: Dataset,
+    extractor: ImageFeatureExtractor,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Tensor:
+    """Features [N, F] of every image of an image-caption dataset (images in [-1, 1]), in order; `progress`
+    advances by each batch's images."""
+    features = []
+    for images in DataLoader(dataset, batch_size=batch_size, collate_fn=_images_only):
+        features.append(extractor(((images + 1) / 2).to(device)).cpu())
+        if progress is not None:
+            progress.advance(len(images))
+    return torch.cat(features)
 
 
 class RealFeatureCache:
@@ -64,12 +72,9 @@ class RealFeatureCache:
     def _compute(
         self, source: ImageCaptionSource, split: str, extractor: ImageFeatureExtractor, path: Path, device: torch.device | str
     ) -> None:
-        start = time.perf_counter()
-        features = extract(source.split(split, augmented=False), extractor, device=device)
-        metadata = {"source": source.identity, "split": split, "extractor": extractor_identity(extractor)}
-        save_file({"features": features.contiguous()}, path, metadata=metadata)
-        log.info(
-            "features: %s of %s (%d images, %s) in %.1f s -> %s",
-            split, source.identity, len(features), extractor.feature_name, time.perf_counter() - start,
-            self.path(source, split, extractor),
-        )
+        images = source.split(split, augmented=False)
+        with Progress(f"{extractor.feature_name} features of the {split} images", len(images), "images") as progress:
+            features = extract(images, extractor, device=device, progress=progress)
+            metadata = {"source": source.identity, "split": split, "extractor": extractor_identity(extractor)}
+            save_file({"features": features.contiguous()}, path, metadata=metadata)
+            progress.detail = f"{source.identity} -> {self.path(source, split, extractor)}"

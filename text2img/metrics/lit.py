@@ -54,6 +54,7 @@ from text2img.files import build_once
 from text2img.metrics.features import RealFeatureCache, extractor_identity
 from text2img.metrics.frozen import FrozenNetwork, ImageFeatureExtractor
 from text2img.types import TextEmbedding, masked_mean
+from text2img.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -233,18 +234,20 @@ def _fit_text_tower(
     batches = _batches(len(text), min(config.batch_size, len(text)), torch.Generator().manual_seed(seed))
     losses: list[float] = []
     evaluator.text_tower.train()  # the evaluator itself refuses train mode (it is a metric)
-    for step, batch in enumerate(itertools.islice(batches, config.steps)):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, config)
-        text_emb = evaluator.embed_text(text[batch])
-        positives = (groups[batch, None] == groups[None, batch]).any(-1)
-        loss = contrastive_loss(image_emb[batch], text_emb, positives, evaluator.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():  # CLIP's cap: a temperature below 1/100 makes training unstable
-            evaluator.logit_scale.clamp_(max=math.log(100))
-        losses.append(loss.item())
+    with Progress("training the LiT alignment evaluator", config.steps, "steps") as progress:
+        for step, batch in enumerate(itertools.islice(batches, config.steps)):
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(step, config)
+            text_emb = evaluator.embed_text(text[batch])
+            positives = (groups[batch, None] == groups[None, batch]).any(-1)
+            loss = contrastive_loss(image_emb[batch], text_emb, positives, evaluator.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # CLIP's cap: a temperature below 1/100 makes training unstable
+                evaluator.logit_scale.clamp_(max=math.log(100))
+            losses.append(loss.item())
+            progress.advance(detail=f"loss {losses[-1]:.3f}")
     evaluator.eval()
     return losses
 

@@ -17,6 +17,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from text2img.files import atomic_path
+from text2img.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,7 @@ class PromptExpander:
                 missing = [caption for caption in unique if caption not in done]
                 if missing:
                     self._write_identity(folder)
-                    start = time.perf_counter()
                     outputs = self.generate(missing, device)
-                    log.info(
-                        "Expanded %d captions with %s in %.1f s", len(missing), self.model_id,
-                        time.perf_counter() - start,
-                    )
                     self._write_shard(folder, missing, outputs)
                     done.update(zip(missing, outputs))
         empty = [caption for caption in unique if not done[caption]]
@@ -138,23 +134,26 @@ class PromptExpander:
         model = self.model.to(device)
         system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         outputs = []
-        for start in range(0, len(captions), self.batch_size):
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [*system, {"role": "user", "content": self.instruction.replace("{caption}", caption)}],
-                    tokenize=False, add_generation_prompt=True,
-                )
-                for caption in captions[start : start + self.batch_size]
-            ]
-            # Left padding: every prompt then ends where generation starts. The template carries its special tokens.
-            batch = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(device)
-            with torch.inference_mode():
-                tokens = model.generate(
-                    **batch, do_sample=False, max_new_tokens=self.max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-            replies = self.tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            outputs.extend(" ".join(reply.split()) for reply in replies)  # one line, no stray whitespace
+        with Progress(f"expanding prompts with {self.model_id}", len(captions), "captions") as progress:
+            for start in range(0, len(captions), self.batch_size):
+                texts = [
+                    self.tokenizer.apply_chat_template(
+                        [*system, {"role": "user", "content": self.instruction.replace("{caption}", caption)}],
+                        tokenize=False, add_generation_prompt=True,
+                    )
+                    for caption in captions[start : start + self.batch_size]
+                ]
+                # Left padding: every prompt then ends where generation starts. The template has its special tokens.
+                batch = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(device)
+                with torch.inference_mode():
+                    tokens = model.generate(
+                        **batch, do_sample=False, max_new_tokens=self.max_new_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                new_tokens = tokens[:, batch["input_ids"].shape[1] :]
+                replies = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                outputs.extend(" ".join(reply.split()) for reply in replies)  # one line, no stray whitespace
+                progress.advance(len(replies))
         return outputs
 
     def load(self) -> None:
