@@ -38,7 +38,7 @@ def test_shuffling_keeps_the_multiset_of_parts() -> None:
 def test_templates_are_drawn_per_caption_and_need_the_caption() -> None:
     augment = CaptionAugment(templates=["an emoji of {caption}", "{caption}, flat icon"])
     assert set(draws(augment, 0)) == {f"an emoji of {CAPTION}", f"{CAPTION}, flat icon"}
-    with pytest.raises(ValueError, match=r"^caption_augment.templates entry 'an emoji' lacks '\{caption\}'; add it"):
+    with pytest.raises(ValueError, match=r"^data.caption_augment.templates entry 'an emoji' lacks '\{caption\}'; add it"):
         CaptionAugment(templates=["{caption}", "an emoji"])
 
 

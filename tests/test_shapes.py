@@ -221,16 +221,16 @@ def test_unparseable_prompt_raises_one_line(prompt: str) -> None:
     [
         (
             {"held_out": ["pink circle"]},
-            r"data.held_out has unknown pair 'pink circle'; use '<colour> <shape>'",
+            r"data.source.held_out has unknown pair 'pink circle'; use '<colour> <shape>'",
         ),
         ({"held_out": ["red hexagon"]}, r"unknown pair 'red hexagon'"),
-        ({"held_out": []}, r"data.held_out is empty.*hold out at least one pair"),
-        ({"held_out": "red circle"}, r"data.held_out='red circle' is one string; give a list"),
+        ({"held_out": []}, r"data.source.held_out is empty.*hold out at least one pair"),
+        ({"held_out": "red circle"}, r"data.source.held_out='red circle' is one string; give a list"),
         ({"held_out": [f"{c} triangle" for c in COLOURS]}, r"every 'triangle' pair.*keep at least one"),
         ({"held_out": [f"purple {s}" for s in SHAPES]}, r"every 'purple' pair"),
-        ({"image_size": 16}, r"data.image_size=16 is too small.*use 32 or more"),
-        ({"images_per_composition": 0}, r"data.images_per_composition=0 must be a positive count"),
-        ({"augment": ImageAugment(hflip=0.5)}, r"data.augment flips or crops.*set hflip=0"),
+        ({"image_size": 16}, r"data.source.image_size=16 is too small.*use 32 or more"),
+        ({"images_per_composition": 0}, r"data.source.images_per_composition=0 must be a positive count"),
+        ({"augment": ImageAugment(hflip=0.5)}, r"data.source.augment flips or crops.*set hflip=0"),
         ({"augment": ImageAugment(random_crop_scale=0.8)}, r"random_crop_scale=1 for data=shapes"),
     ],
 )

@@ -124,12 +124,13 @@ def test_missing_dataset_path(tmp_path, imagefolder):
 
 @pytest.mark.parametrize(
     "line, expected",
-    [("{not json", "not valid JSON"), ('{"text": "a cat"}', "file_name"), ('{"file_name": "000.png"}', "text")],
+    [("{not json", "line 49: invalid JSON"), ('{"text": "a cat"}', "line 49: no string 'file_name'"),
+     ('{"file_name": "000.png"}', "line 49: no string 'text'")],
 )
 def test_bad_metadata(tmp_path, imagefolder, line, expected):
     metadata = imagefolder / "metadata.jsonl"
     metadata.write_text(metadata.read_text() + line + "\n")
-    cfg = compose_train(tmp_path, smoke_overrides(imagefolder))
+    cfg = compose_train(tmp_path, smoke_overrides(imagefolder, "data.source.strict=true"))
     with pytest.raises(SystemExit) as exc:
         train(cfg)
     assert expected in one_line_error(exc)

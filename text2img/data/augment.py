@@ -42,14 +42,14 @@ class ImageAugment:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"augment.hflip={self.hflip} is a probability; use a value in [0, 1]")
+            raise ValueError(f"data.source.augment.hflip={self.hflip} is a probability; use a value in [0, 1]")
         if not 0.0 < self.random_crop_scale <= 1.0:
             raise ValueError(
-                f"augment.random_crop_scale={self.random_crop_scale} is the smallest crop area fraction; "
+                f"data.source.augment.random_crop_scale={self.random_crop_scale} is the smallest crop area fraction; "
                 "use a value in (0, 1] (1 = no cropping)"
             )
         if not 0.0 <= self.color_jitter <= 1.0:
-            raise ValueError(f"augment.color_jitter={self.color_jitter} is a strength; use a value in [0, 1]")
+            raise ValueError(f"data.source.augment.color_jitter={self.color_jitter} is a strength; use a value in [0, 1]")
 
     @property
     def enabled(self) -> bool:

@@ -22,6 +22,15 @@ from text2img.data.splits import SPLITS, check_fractions, split_indices
 Transform = Callable[[Tensor], Tensor]
 
 
+class Unusable(Exception):
+    """A sample a source skips (or, when strict, refuses); `reason`, a short phrase such as "empty caption",
+    is the key its skips are counted under, and the message adds the detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
 def uint8_to_tensor(image: np.ndarray) -> Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32 in [-1, 1], the layout every generator consumes."""
     # np.array copies: PIL-backed arrays are read-only, which torch.from_numpy warns about.
@@ -95,7 +104,7 @@ class ImageCaptionSource(ABC):
         augment: Transform | None = None,
     ) -> None:
         if image_size < 1:
-            raise ValueError(f"data.image_size={image_size} must be a positive number of pixels, e.g. 32")
+            raise ValueError(f"data.source.image_size={image_size} must be a positive number of pixels, e.g. 32")
         check_fractions(val_fraction, test_fraction)
         self.image_size = image_size
         self.val_fraction = val_fraction

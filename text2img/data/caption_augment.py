@@ -43,16 +43,16 @@ class CaptionAugment:
     def __post_init__(self) -> None:
         for name in ("shuffle_parts", "word_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"caption_augment.{name}={getattr(self, name)} is a probability; use a value in [0, 1]")
+                raise ValueError(f"data.caption_augment.{name}={getattr(self, name)} is a probability; use a value in [0, 1]")
         # Hydra passes a ListConfig: keep a tuple, so the frozen dataclass stays hashable and immutable.
         object.__setattr__(self, "templates", tuple(str(template) for template in self.templates))
         for template in self.templates:
             if "{caption}" not in template:
                 raise ValueError(
-                    f"caption_augment.templates entry {template!r} lacks '{{caption}}'; add it where the caption goes"
+                    f"data.caption_augment.templates entry {template!r} lacks '{{caption}}'; add it where the caption goes"
                 )
         if self.variants < 1:
-            raise ValueError(f"caption_augment.variants={self.variants} must be at least 1 cached version per caption")
+            raise ValueError(f"data.caption_augment.variants={self.variants} must be at least 1 cached version per caption")
 
     @property
     def enabled(self) -> bool:

@@ -4,11 +4,12 @@
       metadata.jsonl        {"file_name": "cats/001.png", "text": "a grey cat"}   (one object per line)
       cats/001.png
 
-Everything is checked at construction, before training starts: a broken layout or metadata line
-raises one clear line naming the problem and the fix; a single unreadable image or empty caption
-is skipped and counted in one warning. Captions have their whitespace collapsed. Images are loaded
-lazily, turned upright (EXIF), converted to RGB (transparency composited on white), and resized and
-centre-cropped to a square.
+Everything is checked at construction, before training starts: a broken layout raises one clear line
+naming the problem and the fix. A single bad sample (a metadata line that is not UTF-8, not a JSON object
+or lacks a string "file_name" or "text"; an empty caption; a path outside the folder; a missing or
+undecodable image) is skipped and counted, with its line number, in one warning; with `strict` the first
+one is refused instead. Captions have their whitespace collapsed. Images are loaded lazily, turned upright
+(EXIF), converted to RGB (transparency composited on white), and resized and centre-cropped to a square.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
 from functools import cached_property
 from pathlib import Path
 
@@ -25,13 +25,14 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from text2img.data.base import ImageCaptionDataset, ImageCaptionSource, Transform, uint8_to_tensor
+from text2img.data.base import ImageCaptionDataset, ImageCaptionSource, Transform, Unusable, uint8_to_tensor
 
 log = logging.getLogger(__name__)
 
 METADATA = "metadata.jsonl"
 _EXAMPLE = '{"file_name": "cat.png", "text": "a grey cat"}'
 _LINE_FIX = f"each line must be an object like {_EXAMPLE}"
+_SHOWN_LINES = 3  # line numbers listed per reason in the skip warning
 # What PIL raises for a file it cannot identify, decode or check (truncated, corrupt, missing, huge).
 _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -47,44 +48,47 @@ def load_rgb_square(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb)
 
 
-def _is_readable(path: Path) -> bool:
-    """Cheap integrity check (header and, for PNG, chunk checksums) without decoding pixels."""
+def _check_decodes(path: Path, size: int) -> None:
+    """Decode the image at `path` as training will (at reduced scale where the format allows: JPEG), so a
+    truncated file, which passes PIL's `verify`, is caught now rather than mid-training."""
+    if not path.is_file():
+        raise Unusable("missing image", f"no file {path}")
     try:
         with Image.open(path) as image:
-            image.verify()
-    except _UNREADABLE:
-        return False
-    return True
+            image.draft("RGB", (size, size))
+            image.load()
+    except _UNREADABLE as err:
+        raise Unusable("unreadable image", f"{path}: {err}") from None
 
 
-def _read_metadata(root: Path) -> list[tuple[str, str]]:
-    """(file_name, text) per line of `root/metadata.jsonl`, with one-line errors for malformed lines."""
-    metadata = root / METADATA
-    if not metadata.is_file():
-        raise FileNotFoundError(
-            f"no {METADATA} in data.path='{root}'; add one with a line per image like {_EXAMPLE}"
-        )
-    rows: list[tuple[str, str]] = []
-    with metadata.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{METADATA} line {number} is not valid JSON: {err.msg}; {_LINE_FIX}"
-                ) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{METADATA} line {number} is not a JSON object; {_LINE_FIX}")
-            for key in ("file_name", "text"):
-                if not isinstance(row.get(key), str):
-                    problem = "has no" if key not in row else "has a non-string"
-                    raise ValueError(f"{METADATA} line {number} {problem} {key!r}; {_LINE_FIX}")
-            rows.append((row["file_name"], row["text"]))
-    if not rows:
-        raise ValueError(f"{metadata} lists no images; add a line per image like {_EXAMPLE}")
-    return rows
+def _parse_line(raw: bytes) -> tuple[str, str]:
+    """(file_name, text) of one metadata line, or `Unusable` saying what is wrong with it."""
+    try:
+        line = raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not an error
+    except UnicodeDecodeError as err:
+        raise Unusable("not UTF-8", f"byte {err.start + 1} is not UTF-8; save the file as UTF-8") from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise Unusable("invalid JSON", f"{err.msg}; {_LINE_FIX}") from None
+    if not isinstance(row, dict):
+        raise Unusable("not a JSON object", _LINE_FIX)
+    for key in ("file_name", "text"):
+        if not isinstance(row.get(key), str):
+            raise Unusable(f"no string {key!r}", f"{'a non-string' if key in row else 'no'} {key!r}; {_LINE_FIX}")
+    return row["file_name"], row["text"]
+
+
+def _is_outside(file_name: str) -> bool:
+    """Whether `file_name` is absolute or climbs out of the folder (by its text: symlinks inside are fine)."""
+    return os.path.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == os.pardir
+
+
+def _line_numbers(numbers: list[int]) -> str:
+    """"line 4", "lines 4, 9", "lines 4, 9, 12 and 3 more": the first few of a reason's lines."""
+    shown = ", ".join(map(str, numbers[:_SHOWN_LINES]))
+    more = f" and {len(numbers) - _SHOWN_LINES} more" if len(numbers) > _SHOWN_LINES else ""
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{more}"
 
 
 class ImageFileDataset(ImageCaptionDataset):
@@ -108,7 +112,11 @@ class ImageFileDataset(ImageCaptionDataset):
 
 
 class ImageFolderSource(ImageCaptionSource):
-    """Captioned images from a folder with `metadata.jsonl`; `augment` applies to the "train" split only."""
+    """Captioned images from a folder with `metadata.jsonl`; `augment` applies to the "train" split only.
+
+    Unusable samples are skipped and reported in one warning (reasons with their first line numbers), or
+    with `strict` the first one raises.
+    """
 
     def __init__(
         self,
@@ -117,35 +125,63 @@ class ImageFolderSource(ImageCaptionSource):
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         augment: Transform | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__(image_size, val_fraction, test_fraction, augment)
         self.root = Path(path).expanduser()
         if not self.root.is_dir():
             problem = "is not a folder" if self.root.exists() else "does not exist"
             raise FileNotFoundError(
-                f"data.path='{path}' {problem}; point data.path at a folder with images and {METADATA}"
+                f"data.source.path='{path}' {problem}; point data.source.path at a folder with images and {METADATA}"
             )
-        rows = _read_metadata(self.root)
+        metadata = self.root / METADATA
+        if not metadata.is_file():
+            raise FileNotFoundError(
+                f"no {METADATA} in data.source.path='{path}'; add one with a line per image like {_EXAMPLE}"
+            )
         self.paths: list[Path] = []
         self._captions: list[str] = []
-        skipped: Counter[str] = Counter()
-        for file_name, text in rows:
-            caption = " ".join(text.split())
-            if not caption:
-                skipped["empty caption"] += 1
-            elif not _is_readable(self.root / file_name):
-                skipped["unreadable image"] += 1
-            else:
-                self.paths.append(self.root / file_name)
-                self._captions.append(caption)
-        reasons = ", ".join(f"{n} {reason}{'s' if n > 1 else ''}" for reason, n in sorted(skipped.items()))
+        skipped: dict[str, list[int]] = {}  # reason -> line numbers
+        # Bytes, decoded line by line: one line that is not UTF-8 must not make the others unreadable.
+        lines = [(n, raw) for n, raw in enumerate(metadata.read_bytes().split(b"\n"), start=1) if raw.strip()]
+        for number, raw in lines:
+            try:
+                path, caption = self._sample(raw)
+            except Unusable as unusable:
+                if strict:
+                    raise ValueError(
+                        f"imagefolder: {metadata} line {number}: {unusable}; fix or remove the line, or set "
+                        "data.source.strict=false to skip unusable samples with a warning"
+                    ) from None
+                skipped.setdefault(unusable.reason, []).append(number)
+                continue
+            self.paths.append(path)
+            self._captions.append(caption)
+        if not lines:
+            raise ValueError(f"{metadata} lists no images; add a line per image like {_EXAMPLE}")
+        report = "; ".join(f"{reason}: {_line_numbers(numbers)}" for reason, numbers in skipped.items())
         if not self.paths:
             raise ValueError(
-                f"imagefolder: none of the {len(rows)} samples in '{self.root}' is usable ({reasons}); "
-                f"check the file_name and text fields of {METADATA}"
+                f"imagefolder: none of the {len(lines)} samples of {metadata} is usable ({report}); "
+                f"{_LINE_FIX}, naming an image in the folder"
             )
         if skipped:
-            log.warning("imagefolder: skipped %d of %d samples (%s)", skipped.total(), len(rows), reasons)
+            log.warning(
+                "imagefolder: skipped %d of %d samples of %s (%s)",
+                len(lines) - len(self.paths), len(lines), metadata, report,
+            )
+
+    def _sample(self, raw: bytes) -> tuple[Path, str]:
+        """The image path and caption of one metadata line, or `Unusable`."""
+        file_name, text = _parse_line(raw)
+        caption = " ".join(text.split())
+        if not caption:
+            raise Unusable("empty caption", 'the "text" is empty or blank')
+        if _is_outside(file_name):
+            raise Unusable("path outside the folder", f"{file_name!r} must be relative to {self.root}")
+        path = self.root / file_name
+        _check_decodes(path, self.image_size)
+        return path, caption
 
     @property
     def captions(self) -> list[str]:

@@ -330,21 +330,21 @@ def render_shapes(image_size: int, images_per_composition: int, seed: int, progr
 def _check_held_out(held_out: Sequence[str]) -> frozenset[str]:
     """The held-out pairs, normalised; one-line errors for unknown or training-emptying choices."""
     if isinstance(held_out, str):  # iterating it would yield letters
-        raise ValueError(f"data.held_out={held_out!r} is one string; give a list, e.g. [{held_out}]")
+        raise ValueError(f"data.source.held_out={held_out!r} is one string; give a list, e.g. [{held_out}]")
     pairs = frozenset(" ".join(pair.casefold().split()) for pair in held_out)
     known = {f"{colour} {shape}" for colour in COLOURS for shape in SHAPES}
     for pair in sorted(pairs):
         if pair not in known:
             raise ValueError(
-                f"data.held_out has unknown pair {pair!r}; use '<colour> <shape>' with colours "
+                f"data.source.held_out has unknown pair {pair!r}; use '<colour> <shape>' with colours "
                 f"{', '.join(COLOURS)} and shapes {', '.join(SHAPES)}"
             )
     if not pairs:
-        raise ValueError("data.held_out is empty, so val and test would be empty; hold out at least one pair")
+        raise ValueError("data.source.held_out is empty, so val and test would be empty; hold out at least one pair")
     for word in (*COLOURS, *SHAPES):
         if all(pair in pairs for pair in known if word in pair.split()):
             raise ValueError(
-                f"data.held_out holds out every {word!r} pair, so training never sees {word!r}; "
+                f"data.source.held_out holds out every {word!r} pair, so training never sees {word!r}; "
                 "keep at least one of them"
             )
     return pairs
@@ -354,7 +354,7 @@ def _check_augment(augment: Transform | None) -> None:
     """Flips and crops would contradict the captions (left/right, position, size)."""
     if isinstance(augment, ImageAugment) and (augment.hflip > 0 or augment.random_crop_scale < 1):
         raise ValueError(
-            "data.augment flips or crops, which changes the positions and sizes shapes captions name; "
+            "data.source.augment flips or crops, which changes the positions and sizes shapes captions name; "
             "set hflip=0 and random_crop_scale=1 for data=shapes"
         )
 
@@ -391,12 +391,12 @@ class ShapesSource(ImageCaptionSource):
     ) -> None:
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(
-                f"data.image_size={image_size} is too small to tell the shapes apart; "
+                f"data.source.image_size={image_size} is too small to tell the shapes apart; "
                 f"use {MIN_IMAGE_SIZE} or more"
             )
         if images_per_composition < 1:
             raise ValueError(
-                f"data.images_per_composition={images_per_composition} must be a positive count; use e.g. 8"
+                f"data.source.images_per_composition={images_per_composition} must be a positive count; use e.g. 8"
             )
         self.held_out = _check_held_out(held_out)
         _check_augment(augment)

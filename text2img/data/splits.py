@@ -20,11 +20,11 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """Raise a one-line ValueError unless both fractions are in [0, 1) and leave room for training."""
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"data.{name}={value} is outside [0, 1); use e.g. 0.05")
+            raise ValueError(f"data.source.{name}={value} is outside [0, 1); use e.g. 0.05")
     if val_fraction + test_fraction >= 1.0:
         total = val_fraction + test_fraction
         raise ValueError(
-            f"data.val_fraction + data.test_fraction = {total} leaves nothing to train on; keep it below 1"
+            f"data.source.val_fraction + data.source.test_fraction = {total} leaves nothing to train on; keep it below 1"
         )
 
 

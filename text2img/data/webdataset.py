@@ -15,7 +15,8 @@ module's `epoch_samples` fixes it instead (equal for every process, which DDP ne
 with any other source. So is a fixed sample of the first `reference_samples` training samples, for what needs
 training images as a set (the latent scale calibration, the alignment evaluator).
 
-A sample whose image does not decode or that has no caption is skipped, with a warning that counts them.
+A sample whose image does not decode or whose caption is missing, not UTF-8 or malformed JSON is skipped, with a
+warning that counts them; with `strict=True` it raises instead, naming the shard and the sample key.
 The data module that trains from it is `text2img.lightning.WebDataModule`.
 """
 
@@ -39,7 +40,7 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
-from text2img.data.base import ArrayImageDataset, Transform, uint8_to_tensor
+from text2img.data.base import ArrayImageDataset, Transform, Unusable, uint8_to_tensor
 from text2img.data.caption_augment import CaptionAugment
 from text2img.data.imagefolder import _UNREADABLE, load_rgb_square
 from text2img.errors import ConfigError
@@ -71,25 +72,19 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-class Unusable(Exception):
-    """A sample without a decodable image or a caption; `reason` says which (the key of the skip counts)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
 @dataclass
 class SampleDecoder:
     """A webdataset stage: raw samples -> (image [size, size, 3] uint8, caption), skipping unusable samples.
 
     The image is the first of `IMAGE_EXTENSIONS`, made upright, composited on white and centre-cropped like an
-    image folder's; the caption is the `.txt`, else the `.json`'s "caption", whitespace collapsed. `skipped`
-    counts the samples skipped by this reader, by reason; each of the first ten is a warning, then every
-    power of ten, so a badly broken data set is noticed without flooding the log.
+    image folder's; the caption is the `.txt` (UTF-8), else the `.json`'s "caption", whitespace collapsed.
+    `skipped` counts the samples skipped by this reader, by reason; each of the first ten is a warning, then
+    every power of ten, so a badly broken data set is noticed without flooding the log. With `strict`, the
+    first unusable sample raises instead, naming its shard and key.
     """
 
     image_size: int
+    strict: bool = False
     skipped: Counter[str] = field(default_factory=Counter)
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[tuple[np.ndarray, str]]:
@@ -97,6 +92,12 @@ class SampleDecoder:
             try:
                 yield self.decode(sample)
             except Unusable as unusable:
+                if self.strict:
+                    raise ValueError(
+                        f"webdataset: sample {sample.get('__key__')!r} of shard {sample.get('__url__')!r} is "
+                        f"unusable ({unusable}); fix or remove it, or set data.source.strict=false to skip "
+                        "unusable samples with a warning"
+                    ) from None
                 self.skipped[unusable.reason] += 1
                 count = self.skipped.total()
                 if count <= 10 or str(count).rstrip("0") == "1":
@@ -118,15 +119,22 @@ class SampleDecoder:
 
     @staticmethod
     def caption(sample: dict[str, Any]) -> str:
-        text = ""
-        if "txt" in sample:
-            text = sample["txt"].decode("utf-8", errors="replace")
-        elif "json" in sample:
-            try:
-                text = json.loads(sample["json"]).get("caption") or ""
-            except (ValueError, AttributeError):
-                raise Unusable("no caption", "the .json is not an object") from None
-        caption = " ".join(str(text).split())
+        text: object = ""
+        try:
+            if "txt" in sample:
+                text = sample["txt"].decode("utf-8")
+            elif "json" in sample:
+                meta = json.loads(sample["json"].decode("utf-8"))
+                if not isinstance(meta, dict):
+                    raise Unusable("malformed caption", "the .json is not an object")
+                text = meta.get("caption") or ""
+                if not isinstance(text, str):
+                    raise Unusable("malformed caption", 'the .json "caption" is not a string')
+        except UnicodeDecodeError as err:
+            raise Unusable("caption not UTF-8", f"byte {err.start + 1} of the caption is not UTF-8") from None
+        except json.JSONDecodeError as err:
+            raise Unusable("malformed caption", f"the .json is not valid JSON: {err.msg}") from None
+        caption = " ".join(text.split())
         if not caption:
             raise Unusable("no caption", 'no .txt, and no "caption" in a .json')
         return caption
@@ -185,7 +193,7 @@ class WebDatasetSource:
     `image_size`, `augment`); `split("train")` is the fixed sample of the first `reference_samples` training
     samples in shard order (training itself streams every shard, see `train_stream`). `shuffle_buffer` is the
     number of samples each reader shuffles through (0: none; more mixes better and holds more raw samples in
-    memory).
+    memory). With `strict`, an unusable sample raises (naming its shard and key) instead of being skipped.
     """
 
     def __init__(
@@ -197,6 +205,7 @@ class WebDatasetSource:
         shuffle_buffer: int = 1000,
         reference_samples: int = 1000,
         augment: Transform | None = None,
+        strict: bool = False,
     ) -> None:
         if image_size < 1:
             raise ValueError(f"data.source.image_size={image_size} must be a positive pixel count, e.g. 32")
@@ -214,6 +223,7 @@ class WebDatasetSource:
         self.shuffle_buffer = shuffle_buffer
         self.reference_samples = reference_samples
         self.augment = augment
+        self.strict = strict
         self._whole: dict[str, tuple[np.ndarray, list[str]]] = {}
 
     @cached_property
@@ -229,7 +239,7 @@ class WebDatasetSource:
     def _read_whole(self, name: str) -> tuple[np.ndarray, list[str]]:
         """A split's images and captions in shard order (for "train": its first `reference_samples`)."""
         if name not in self._whole:
-            decoder = SampleDecoder(self.image_size)
+            decoder = SampleDecoder(self.image_size, self.strict)
             # every process reads all of it: no node or worker split, no shuffle
             shards = wds.WebDataset(
                 self.urls[name], shardshuffle=False, nodesplitter=None, workersplitter=None,
@@ -277,5 +287,5 @@ class WebDatasetSource:
         )
         if self.shuffle_buffer > 0:
             stream = stream.compose(BufferShuffle(self.shuffle_buffer))
-        stream = stream.compose(SampleDecoder(self.image_size), TrainItems(self.augment, caption_augment))
+        stream = stream.compose(SampleDecoder(self.image_size, self.strict), TrainItems(self.augment, caption_augment))
         return stream if samples_per_reader is None else stream.with_epoch(samples_per_reader)
