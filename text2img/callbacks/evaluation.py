@@ -40,6 +40,8 @@ class Evaluation(L.Callback):
 
     def _prepared_metrics(self, trainer: L.Trainer, stage: str) -> dict[str, EvalMetric]:
         datamodule = trainer.datamodule
+        if not datamodule.evaluated(stage):  # a split too small to evaluate (the data module warned)
+            return {}
         split = datamodule.eval_split(stage)
         prompts, prompt_text = datamodule.prompts(split)
         context = EvalContext(

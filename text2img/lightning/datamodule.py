@@ -4,6 +4,7 @@ expanded), that text's cached embedding (and, for latent backends, their cached 
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from text2img.data.base import ImageCaptionSource
 from text2img.data.caption_augment import CaptionAugment
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache
@@ -27,6 +29,8 @@ from text2img.types import Batch, TextEmbedding
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Fewer real images than this and a split is not evaluated: FID and KID need two a side.
+MIN_EVAL_IMAGES = 2
 
 
 # image, caption, the text the encoder reads for it, that text's row in the embedding table (None with a
@@ -203,6 +207,12 @@ class Text2ImgDataModule(L.LightningDataModule):
         if test_split not in ("val", "test"):
             raise ValueError(f"split={test_split!r} cannot be evaluated; use test or val (held-out prompts)")
         self.test_split = test_split
+        if isinstance(source, ImageCaptionSource) and not source.split_indices["train"]:
+            raise ConfigError(
+                f"data: the train split is empty: the captions of all {len(source)} samples fall into val/test "
+                f"(data.source.val_fraction={source.val_fraction}, data.source.test_fraction={source.test_fraction}); "
+                "lower those fractions or add samples with other captions"
+            )
         self.caption_augment = caption_augment if caption_augment is not None and caption_augment.enabled else None
         self.expander = expander
         self.splits: dict[str, EmbeddedSplit] = {}
@@ -277,14 +287,34 @@ class Text2ImgDataModule(L.LightningDataModule):
         # Evaluation sets: the split in a fixed shuffled order (grids show varied prompts, not a run of
         # neighbours such as 30 flags), the same in every run; their size is a number of samples, not of
         # batches, so figures do not depend on the number of processes.
-        self.test_set = self._evaluation_set(self.splits[self.test_split], self.eval_samples)
+        # A split too small to evaluate gets an empty evaluation set: Lightning then skips its loop.
+        test_size = self.eval_samples if self._evaluable(self.test_split, "testing") else 0
+        self.test_set = self._evaluation_set(self.splits[self.test_split], test_size)
         val_size = None if self.val_samples is None else min(self.val_samples, len(self.splits["val"]))
+        val_size = val_size if self._evaluable("val", "validation") else 0
         self.splits["val"] = self._evaluation_set(self.splits["val"], val_size)
         log.info(
             "data: %s; validation on %d samples, test on %d of %s",
             ", ".join(f"{n} {len(d.images)}" for n, d in self.splits.items()),
             len(self.splits["val"]), len(self.test_set), self.test_split,
         )
+
+    def _evaluable(self, split: str, stage: str) -> bool:
+        """Whether `split` holds enough images to evaluate; if not, a warning that `stage` is skipped."""
+        images = len(self.splits[split].images)
+        if images >= MIN_EVAL_IMAGES:
+            return True
+        fraction = getattr(self.source, f"{split}_fraction", None)
+        fix = f"add samples to data.source.{split}_shards" if fraction is None else (
+            f"raise data.source.{split}_fraction (now {fraction}) or add images with other captions"
+        )
+        log.warning("data: the %s split has %d image(s), too few to evaluate: %s is skipped; %s", split, images, stage, fix)
+        return False
+
+    def evaluated(self, stage: str) -> bool:
+        """Whether a "val" or "test" stage has samples to evaluate (see `_evaluable`)."""
+        assert self.test_set is not None, "call setup() first"
+        return len(self.test_set if stage == "test" else self.splits["val"]) > 0
 
     @staticmethod
     def _evaluation_set(split: EmbeddedSplit, size: int | None) -> EmbeddedSplit:
@@ -312,7 +342,7 @@ class Text2ImgDataModule(L.LightningDataModule):
             text = self.cache.lookup(self.eval_encoder, texts)
             self.eval_encoder.unload()
             return captions, text
-        return captions, self.table[torch.tensor([self.row_of[text] for text in texts])]
+        return captions, self.table[torch.tensor([self.row_of[text] for text in texts], dtype=torch.long)]
 
     def sampling_prompts(self, prompts: Sequence[str]) -> tuple[list[str], TextEmbedding]:
         """What the encoder reads for user prompts (their expansions if `expander.sample`) and its embeddings: a
@@ -358,10 +388,24 @@ class Text2ImgDataModule(L.LightningDataModule):
         """Training batches of the run whose step has run (restored on resume): where the next pass starts."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed if self.trainer is not None else 0
 
+    def _train_batch_size(self) -> int:
+        """`batch_size`, or every training image of a process where it holds fewer (whole batches only are
+        trained on: a larger batch would leave an epoch without a step)."""
+        processes = 1 if self.trainer is None else self.trainer.world_size
+        per_process = math.ceil(len(self.splits["train"]) / processes)
+        if per_process >= self.batch_size:
+            return self.batch_size
+        log.warning(
+            "data: the train split has %d images%s, fewer than data.batch_size=%d: training uses batches of %d",
+            len(self.splits["train"]), f" ({per_process} per process)" if processes > 1 else "", self.batch_size,
+            per_process,
+        )
+        return per_process
+
     def train_dataloader(self) -> DataLoader:
         return ResumableTrainLoader(
             self.splits["train"],
-            self.batch_size,
+            self._train_batch_size(),
             seed=run_seed(),
             batches_trained=self._batches_trained,
             num_workers=self.num_workers,
