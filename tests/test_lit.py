@@ -27,7 +27,6 @@ from text2img.metrics.lit import (
     LiTEvaluator,
     clip_score,
     contrastive_loss,
-    derangement,
     load_or_train_lit,
     r_precision_hits,
     real_alignment,
@@ -144,15 +143,6 @@ def test_r_precision_needs_k_candidates() -> None:
     own, keys = torch.zeros(4, dtype=torch.long), torch.arange(4)
     with pytest.raises(ValueError, match=r"k=32.*M=10"):
         r_precision_hits(random_unit(4, 8, seed=0), random_unit(10, 8, seed=1), own, keys, k=32)
-
-
-def test_derangement_never_keeps_a_prompt_even_when_shared() -> None:
-    groups = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 5, 5])
-    permutation = derangement(groups, seed=0)
-    assert sorted(permutation.tolist()) == list(range(10))
-    assert (groups[permutation] != groups).all()
-    with pytest.raises(ValueError, match="shared by 3 of 4"):
-        derangement(torch.tensor([0, 0, 0, 1]), seed=0)
 
 
 def text_gradient(images: Tensor, text: Tensor, positives: Tensor) -> Tensor:

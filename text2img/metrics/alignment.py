@@ -46,12 +46,18 @@ class LiTAlignment(EvalMetric):
             context.source, context.encoder, context.embeddings, context.features, self.extractor,
             context.cache_dir / "lit", self.config, self.seed,
         )
-        if len(context.prompts) < self.k:
+        if len(context.prompts) < 2:
+            log.warning(
+                "alignment: the %s split has a single distinct prompt: r_precision and the shuffled-prompt floor "
+                "(*_shuffled) need at least 2 and are skipped",
+                context.split,
+            )
+        elif len(context.prompts) < self.k:
             log.warning(
                 "alignment: the %s split has %d distinct prompts, fewer than k=%d; R-precision uses k=%d",
                 context.split, len(context.prompts), self.k, len(context.prompts),
             )
-            self.k = len(context.prompts)
+        self.k = min(self.k, len(context.prompts))
         self.row_of = {caption: row for row, caption in enumerate(context.prompts)}
         with torch.no_grad():
             self.candidates = self.evaluator.embed_text(context.prompt_text.to("cpu", torch.float32))
@@ -67,14 +73,19 @@ class LiTAlignment(EvalMetric):
         own = torch.tensor([self.row_of[caption] for caption in batch.outputs.captions])
         with torch.no_grad():
             images = self.evaluator.embed_images(features)
-        hits = r_precision_hits(images, self.candidates, own, batch.outputs.keys.cpu(), self.k, self.seed)
+        if self.ranks:
+            hits = r_precision_hits(images, self.candidates, own, batch.outputs.keys.cpu(), self.k, self.seed)
+            self.hits += hits.double().sum().to(self.hits.device)
         self.score_sum += clip_score(images, self.candidates[own]).double().sum().to(self.score_sum.device)
-        self.hits += hits.double().sum().to(self.hits.device)
         self.count += len(own)
 
+    @property
+    def ranks(self) -> bool:
+        """Whether R-precision applies: it needs a distractor, so at least 2 distinct prompts."""
+        return self.k >= 2
+
     def compute(self) -> dict[str, Tensor]:
-        figures = {
-            "clip_score_lit": (self.score_sum / self.count).float(),
-            "r_precision": (self.hits / self.count).float(),
-        }
+        figures = {"clip_score_lit": (self.score_sum / self.count).float()}
+        if self.ranks:
+            figures["r_precision"] = (self.hits / self.count).float()
         return figures | {name: torch.tensor(value) for name, value in self.real.items()}

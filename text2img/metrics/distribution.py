@@ -97,16 +97,20 @@ class ImageDistribution(EvalMetric):
             self.add_state("plogp", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state("probs", torch.zeros(extractor.num_classes, dtype=torch.float64), dist_reduce_fx="sum")
         self.reference: dict[str, Tensor] | None = None
+        self.real_count = 0
         self._warned_small = False
 
     def prepare(self, context: EvalContext) -> None:
         self.set_reference(context.features.features(context.source, context.split, self.extractor, context.device))
 
     def set_reference(self, real_features: Tensor) -> None:
-        """Statistics of the real images (a plain attribute, not a state: every process holds all of it)."""
+        """Statistics of the real images (a plain attribute, not a state: every process holds all of it); none
+        from fewer than 2 (`compute` then skips FID and KID)."""
         real = real_features.double()
+        self.real_count = len(real)
         if len(real) < 2:
-            raise ValueError(f"the real split has {len(real)} image(s); FID/KID need at least 2")
+            self.reference = {}
+            return
         sketch, _ = bottom_k(real, key_priority(torch.arange(len(real))), self.kid_sketch_size)
         self.reference = {"mean": real.mean(0), "covariance": torch.cov(real.T), "sketch": sketch}
 
@@ -131,21 +135,32 @@ class ImageDistribution(EvalMetric):
     def compute(self) -> dict[str, Tensor]:
         if self.reference is None:
             raise RuntimeError("ImageDistribution.prepare (or set_reference) must run before compute")
-        if self.count < 2:
-            raise ValueError(f"FID/KID need at least 2 generated images, got {int(self.count)}")
-        self._warn_if_small()
-        mean, covariance = mean_and_covariance(self.count, self.total, self.outer)
-        ref = {name: value.to(mean.device) for name, value in self.reference.items()}
-        sketch, _ = bottom_k(dim_zero_cat(self.sketch), dim_zero_cat(self.sketch_priority), self.kid_sketch_size)
-        figures = {
-            f"fid_{self.tag}": frechet_distance(mean, covariance, ref["mean"], ref["covariance"]).float(),
-            f"kid_{self.tag}": unbiased_mmd2(ref["sketch"], sketch.double(), self.kid_degree).float(),
-        }
-        if self.inception_score:
+        figures = {}
+        if self.count < 2 or not self.reference:
+            if not self._warned_small:
+                self._warned_small = True
+                log.warning(
+                    "fid_%s and kid_%s are skipped: they need at least 2 real and 2 generated images, got %d and %d",
+                    self.tag, self.tag, self.real_count, int(self.count),
+                )
+        else:
+            figures = self._distances()
+        if self.inception_score and self.count > 0:
             marginal = self.probs / self.count
             mean_kl = self.plogp / self.count - torch.special.xlogy(marginal, marginal).sum()
             figures[f"is_{self.tag}"] = mean_kl.exp().float()
         return figures
+
+    def _distances(self) -> dict[str, Tensor]:
+        """FID and KID against the reference (at least 2 images a side)."""
+        self._warn_if_small()
+        mean, covariance = mean_and_covariance(self.count, self.total, self.outer)
+        ref = {name: value.to(mean.device) for name, value in self.reference.items()}
+        sketch, _ = bottom_k(dim_zero_cat(self.sketch), dim_zero_cat(self.sketch_priority), self.kid_sketch_size)
+        return {
+            f"fid_{self.tag}": frechet_distance(mean, covariance, ref["mean"], ref["covariance"]).float(),
+            f"kid_{self.tag}": unbiased_mmd2(ref["sketch"], sketch.double(), self.kid_degree).float(),
+        }
 
     def _warn_if_small(self) -> None:
         needed = self.extractor.num_features + 1

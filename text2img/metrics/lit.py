@@ -25,7 +25,8 @@ Scores, as pure functions of the embeddings:
   among itself and k-1 distractors from the evaluation set's other prompts. The distractors come from
   a generator seeded by the sample's key, so hits do not depend on batching or on DDP sharding.
 `real_alignment` gives the ceiling (real held-out images with their own prompts) and the floor
-(the same images with deranged prompts) that scores of generated images are read against.
+(the same images each with another distinct prompt of the set, drawn by its key) that scores of
+generated images are read against.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from text2img.encoders.cache import EmbeddingCache, cache_key
 from text2img.files import build_once
 from text2img.metrics.features import RealFeatureCache, extractor_identity
 from text2img.metrics.frozen import FrozenNetwork, ImageFeatureExtractor
-from text2img.types import TextEmbedding, masked_mean
 from text2img.progress import Progress
+from text2img.types import TextEmbedding, masked_mean
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ def whitening(features: Tensor, dim: int) -> Tensor:
     covariance = centred.T @ centred / max(len(features) - 1, 1)
     variance, directions = torch.linalg.eigh(covariance)  # ascending
     variance, directions = variance.flip(0)[:dim].clamp(min=0), directions.flip(1)[:, :dim]
-    return (directions / (variance + variance.mean()).sqrt()).float()
+    # clamped: features without any variance (one training image) would divide by zero
+    return (directions / (variance + variance.mean()).sqrt().clamp(min=1e-12)).float()
 
 
 class LiTEvaluator(FrozenNetwork):
@@ -342,15 +344,16 @@ def clip_score(image_emb: Tensor, text_emb: Tensor) -> Tensor:
     return 100 * F.cosine_similarity(image_emb, text_emb, dim=-1).clamp(min=0)
 
 
-def _key_seed(key: int, seed: int) -> int:
-    """A generator seed from a sample key (any int, negative included), stable across processes."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+def _key_seed(key: int, seed: int, purpose: str = "") -> int:
+    """A generator seed from a sample key (any int, negative included), stable across processes; each
+    `purpose` gets a stream of its own."""
+    digest = hashlib.blake2b(f"{purpose}{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % 2**63
 
 
-def _distractors(key: int, own: int, candidates: int, count: int, seed: int) -> Tensor:
+def _distractors(key: int, own: int, candidates: int, count: int, seed: int, purpose: str = "") -> Tensor:
     """`count` distinct candidate rows other than `own`, drawn from the key's own generator."""
-    generator = torch.Generator().manual_seed(_key_seed(key, seed))
+    generator = torch.Generator().manual_seed(_key_seed(key, seed, purpose))
     others = torch.randperm(candidates - 1, generator=generator)[:count]
     return others + (others >= own).long()  # rows past `own` shift up by one, skipping it
 
@@ -374,23 +377,13 @@ def r_precision_hits(
     return (own_score > similarity.gather(1, distractors.to(image_emb.device))).all(1)
 
 
-def derangement(groups: Tensor, seed: int) -> Tensor:
-    """A random permutation `p` with groups[p[i]] != groups[i] for every i: shuffled prompts where no
-    image keeps its own, even when several images share a prompt (`groups` [N]: prompt id per image)."""
-    largest = int(torch.bincount(groups).max())
-    if 2 * largest > len(groups):
-        raise ValueError(
-            f"cannot shuffle prompts: one prompt is shared by {largest} of {len(groups)} images, so some "
-            "would keep their own; evaluate on a set with more distinct prompts"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    group_rank = torch.randperm(int(groups.max()) + 1, generator=generator)[groups].double()
-    # Images of one prompt sit together in `order`; moving everyone `largest` places on never lands on the
-    # same prompt (a run of equal prompts is at most `largest` long, and the way round is >= `largest`).
-    order = torch.argsort(group_rank + torch.rand(len(groups), generator=generator, dtype=torch.float64))
-    permutation = torch.empty_like(order)
-    permutation[order] = order.roll(-largest)
-    return permutation
+def shuffled_prompts(own: Tensor, keys: Tensor, candidates: int, seed: int = 0) -> Tensor:
+    """[B] a candidate row other than each sample's own (`own` [B] of `candidates` distinct prompts), drawn
+    uniformly by a generator seeded with the sample's key: mismatched prompts for the floor that never equal
+    the own one however many images share it (class-captioned data), independent of batching. Needs at
+    least 2 candidates."""
+    rows = zip(keys.tolist(), own.tolist(), strict=True)
+    return torch.cat([_distractors(key, row, candidates, 1, seed, purpose="shuffle:") for key, row in rows])
 
 
 @torch.no_grad()
@@ -402,9 +395,10 @@ def real_alignment(
     k: int,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Scores of real images with their own prompts (the ceiling) and with deranged prompts (the floor).
+    """Scores of real images with their own prompts (the ceiling) and with other prompts (the floor).
 
-    R-precision candidates are the distinct captions of this set; keys are the sample positions.
+    R-precision candidates are the distinct captions of this set; keys are the sample positions. With a
+    single distinct caption there is no other prompt: only `clip_score_lit` is returned.
     """
     first_sample: dict[str, int] = {}
     for index, caption in enumerate(captions):
@@ -413,14 +407,16 @@ def real_alignment(
     own = torch.tensor([row[caption] for caption in captions])
     candidates = evaluator.embed_text(text[list(first_sample.values())])
     images = evaluator.embed_images(image_features)
-    shuffled = own[derangement(own, seed)]
+    scores = {"clip_score_lit": clip_score(images, candidates[own]).mean().item()}
+    if len(candidates) < 2:
+        return scores
     keys = torch.arange(len(captions))
+    shuffled = shuffled_prompts(own, keys, len(candidates), seed)
 
     def r_precision(prompts: Tensor) -> float:
         return r_precision_hits(images, candidates, prompts, keys, k, seed).float().mean().item()
 
-    return {
-        "clip_score_lit": clip_score(images, candidates[own]).mean().item(),
+    return scores | {
         "clip_score_lit_shuffled": clip_score(images, candidates[shuffled]).mean().item(),
         "r_precision": r_precision(own),
         "r_precision_shuffled": r_precision(shuffled),
