@@ -5,13 +5,17 @@
   but only resolves inside a running job: the sweeper resolves `hydra.sweep.dir` (which derives from
   `paths.root_dir`) before any job exists, and a multirun failed on it. Jobs never change directory
   (`hydra.job.chdir: false`), so the current directory is the launch folder in every job too.
+- `${hf_config:model,attribute,trust_remote_code,gguf_file}`: an attribute of a transformers model's text config
+  (hub name or local folder), e.g. `encoder.hidden_size` of `encoder=hf`: the user names the model alone.
 """
 
 from __future__ import annotations
 
 import os
 
-from omegaconf import OmegaConf
+from typing import Any
+
+from omegaconf import Container, OmegaConf
 
 from text2img.precision import weights_dtype
 
@@ -20,6 +24,17 @@ def launch_dir() -> str:
     return os.getcwd()
 
 
+def hf_config(
+    model: str, attribute: str, trust_remote_code: bool = False, gguf_file: str | None = None, *, _parent_: Container
+) -> Any:
+    # Imported here: transformers is slow to import, and only configs that name a hub model need it.
+    from text2img.encoders.hf import pretrained_config
+
+    key = _parent_._get_full_key("")  # the node holding `model`, for the message when it cannot be found
+    return getattr(pretrained_config(model, trust_remote_code, gguf_file, key), attribute)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("weights_dtype", weights_dtype, replace=True)
     OmegaConf.register_new_resolver("launch_dir", launch_dir, replace=True)
+    OmegaConf.register_new_resolver("hf_config", hf_config, replace=True)

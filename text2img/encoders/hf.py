@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from huggingface_hub import is_offline_mode
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from text2img.encoders.base import TextEncoder
 from text2img.errors import ConfigError
@@ -28,6 +30,35 @@ POOLINGS = ("last", "mean")
 MODES = ("frozen", "lora", "full")
 # Bidirectional encoders: every position sees the next token, so they have no next-token loss.
 BIDIRECTIONAL = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet", "albert")
+
+
+@functools.lru_cache(maxsize=16)
+def pretrained_config(
+    model: str, trust_remote_code: bool = False, gguf_file: str | None = None, key: str = "encoder"
+) -> PretrainedConfig:
+    """The text model's config of a hub name or local folder, without its weights: sizes are read from it before
+    anything loads. `key` is the config node that names the model, for messages (`<key>.model`)."""
+    fix = "give a folder written by save_pretrained (config.json, weights, tokenizer) or a hub model name"
+    if os.path.isdir(model) and not gguf_file and not os.path.isfile(os.path.join(model, "config.json")):
+        raise ConfigError(f"{key}.model='{model}' is a folder without a model's config.json; {fix}")
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ConfigError(
+                f"{key}.model='{model}' runs code of its own to load; set {key}.trust_remote_code=true if you trust it"
+            ) from exc
+        raise ConfigError(f"{key}.model='{model}' holds no usable config ({str(exc).splitlines()[0]}); {fix}") from exc
+    except OSError as exc:
+        if os.path.isdir(model):  # a GGUF file that is not there
+            raise ConfigError(f"{key}.model='{model}' cannot be read ({str(exc).splitlines()[0]}); {fix}") from exc
+        if is_offline_mode():
+            raise ConfigError(
+                f"{key}.model='{model}': no such folder, and not reachable on the hub in offline mode (HF_HUB_OFFLINE=1); "
+                f"{fix} that is already in the hub cache (unset HF_HUB_OFFLINE to download it)"
+            ) from exc
+        raise ConfigError(f"{key}.model='{model}': no such folder, and not found on the hub; {fix}") from exc
+    return config.get_text_config()
 
 
 def _drop_unused_layers(model: PreTrainedModel, keep: int) -> None:
@@ -175,6 +206,15 @@ class HFTextEncoder(TextEncoder):
         """Tokenizer and base model; subclasses that ship their weights differently override this."""
         return load_text_model(self.model_name, self.torch_dtype, self.gguf_file, self.trust_remote_code)
 
+    def text_config(self) -> PretrainedConfig | None:
+        """The model's config without its weights, or None when it cannot be read before they load."""
+        return pretrained_config(self.model_name, self.trust_remote_code, self.gguf_file)
+
+    def check_config(self) -> None:
+        """Check the settings against the model's config before any weights load (`load` checks them anyway)."""
+        if (config := self.text_config()) is not None:
+            self._check(config)
+
     def load(self, whole: bool = False) -> None:
         """Load the weights now (`encode` does it on first use); a trainable encoder needs this before
         its parameters are handed to an optimizer. `whole` keeps the layers after the one read, which
@@ -185,7 +225,7 @@ class HFTextEncoder(TextEncoder):
             return
         start = time.perf_counter()
         tokenizer, model = self._load_pretrained()
-        self.hidden_index = self._check(model)
+        self.hidden_index = self._check(model.config)
         layers = model.config.num_hidden_layers
         if self.chat_template and tokenizer.chat_template is None:
             raise ValueError(
@@ -224,9 +264,8 @@ class HFTextEncoder(TextEncoder):
         self.model = model.to(self._device_anchor.device)
         log.info("Loaded text encoder %s in %.1f s", self.model_id, time.perf_counter() - start)
 
-    def _check(self, model: PreTrainedModel) -> int:
-        """Validate the config against the loaded model; return the hidden-state index to read."""
-        config = model.config
+    def _check(self, config: PretrainedConfig) -> int:
+        """Validate the settings against the model's config; return the hidden-state index to read."""
         actual = getattr(config, "hidden_size", None)
         if actual is not None and actual != self.hidden_size:
             raise ValueError(

@@ -16,9 +16,11 @@ from typing import Any
 from unittest import mock
 
 from filelock import FileLock
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, modeling_gguf_pytorch_utils
+from transformers import (
+    AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, modeling_gguf_pytorch_utils,
+)
 
-from text2img.encoders.hf import HFTextEncoder
+from text2img.encoders.hf import HFTextEncoder, pretrained_config
 from text2img.pipeline import load_gguf
 from text2img.progress import Progress
 
@@ -104,6 +106,10 @@ class SmolLM2Encoder(HFTextEncoder):
     def reference(self) -> dict[str, Any]:
         # The packaged GGUF (the converted folder is a cache of it); loading it needs the `gguf` package.
         return {"model": str(package_dir()), "gguf_file": GGUF_FILE, "trust_remote_code": False}
+
+    def text_config(self) -> PretrainedConfig | None:
+        # Read from the converted folder; before the first conversion, `load` checks the settings.
+        return pretrained_config(str(self.converted_dir)) if self.converted_dir.is_dir() else None
 
     def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         path = convert(self.converted_dir)

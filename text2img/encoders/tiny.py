@@ -46,13 +46,15 @@ class TinyEncoder(HFTextEncoder):
     def reference(self) -> None:
         return None  # random weights built in code: an export must copy them
 
-    def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-        config = GPT2Config(
+    def text_config(self) -> GPT2Config:
+        return GPT2Config(
             n_layer=2, n_embd=self.hidden_size, n_head=2, n_positions=POSITIONS, vocab_size=VOCAB_SIZE,
             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
         )
+
+    def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         # Seed a private RNG stream so building the encoder leaves the caller's random state alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = GPT2Model(config)
+            model = GPT2Model(self.text_config())
         return byte_tokenizer(), model.eval()
