@@ -13,18 +13,22 @@ from text2img.lightning import Text2ImgDataModule, Text2ImgModule
 from text2img.train import build_model
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """A text2img checkpoint, loaded without unpickling code; one-line errors for anything else."""
+def load_checkpoint(path: str, key: str = "ckpt") -> dict[str, Any]:
+    """A text2img checkpoint, loaded without unpickling code; one-line errors naming `key` (the option that gave
+    the path) for anything else. Tensors are memory-mapped: they are read when used, so checking a file is cheap."""
     file = Path(path).expanduser()
     usage = "pass a .ckpt written by text2img.train, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt"
     if not file.is_file():
-        raise ConfigError(f"ckpt='{path}' does not exist; {usage}")
+        raise ConfigError(f"{key}='{path}' does not exist; {usage}")
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint ({type(exc).__name__}); {usage}") from exc
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated, unreadable, or not a torch file at all
+        raise ConfigError(
+            f"{key}='{path}' is not a text2img checkpoint (unreadable: truncated, or not a torch file; "
+            f"{type(exc).__name__}); {usage}"
+        ) from exc
     if not isinstance(checkpoint, dict) or "text2img_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ConfigError(f"ckpt='{path}' is not a text2img checkpoint (it holds no text2img run config); {usage}")
+        raise ConfigError(f"{key}='{path}' is not a text2img checkpoint (it holds no text2img run config); {usage}")
     return checkpoint
 
 
