@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from text2img.cli import CONF_DIR, run_checked
+from text2img.config_checks import check_config
 from text2img.errors import ConfigError, root_cause
 from text2img.first_stage_run import ensure_first_stage
 from text2img.fusion import build_fusion
@@ -138,8 +139,9 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _fit_and_test(cfg: DictConfig) -> float | None:
-    L.seed_everything(cfg.seed, workers=True)
     try:
+        check_config(cfg)  # every value the user can type, before the first stage, the data or a model is built
+        L.seed_everything(cfg.seed, workers=True)
         run = build(cfg)
     except Exception as exc:
         if (error := user_error(exc)) is not None:
