@@ -1,14 +1,12 @@
 """Every invalid value a user can type into `text2img.train` is one line naming the key as typed and the fix,
 reported before anything heavy starts (text2img.config_checks); `encoder=hf` reads its sizes from the model."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, compose_train, smoke_overrides
+from conftest import compose_train, smoke_overrides
 from text2img.config_checks import check_config
 from text2img.errors import root_cause
 from text2img.train import USER_ERRORS, build
@@ -146,31 +144,26 @@ def test_hf_encoder_reads_its_sizes_from_the_model(tmp_path, imagefolder):
     )
 
 
-def test_command_line_errors_are_one_line_before_anything_starts(tmp_path):
-    """Values a new user typed, through the real command line (the other rules are checked in-process above: each
-    process takes ~20 s to start on a busy 2-core machine, so these few run side by side)."""
-    cases = {
-        "trainer.max_steps=-3": ["trainer.max_steps=-3", "experiment=openmoji_ldm"],  # would train a first stage
-        "encoder.model='": ["encoder=hf", f"encoder.model={tmp_path / 'no-model'}"],
-        "ckpt_path='": [f"ckpt_path={truncated_checkpoint(tmp_path)}"],
-    }
-    runs = {}
-    for n, (key, args) in enumerate(cases.items()):
-        folder = tmp_path / f"run{n}"
-        command = [sys.executable, "-m", "text2img.train", *args, *SMOKE, f"hydra.run.dir={folder}",
-                   f"paths.cache_dir={tmp_path / 'cache'}"]
-        runs[key] = folder, subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             text=True)
-    last_lines = {}
-    for key, (folder, process) in runs.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 1, stderr
-        last_lines[key] = stderr.strip().splitlines()[-1]
-        assert last_lines[key].startswith(f"text2img: error: {key}"), stderr
-        assert "Traceback" not in stdout + stderr
-        # nothing started: the seed is set right after the checks, a first stage or a fit would write here
-        assert "Seed set" not in stdout + stderr
-        assert not (folder / "checkpoints").exists() and not (tmp_path / "cache" / "first_stages").exists()
-    offline = "no such folder, and not reachable on the hub in offline mode (HF_HUB_OFFLINE=1)"
-    assert offline in last_lines["encoder.model='"]
-    assert "is not a text2img checkpoint (unreadable" in last_lines["ckpt_path='"]
+@pytest.mark.parametrize(
+    ("key", "args", "says"),
+    [
+        # with experiment=openmoji_ldm a first stage would train first
+        ("trainer.max_steps=-3", ["trainer.max_steps=-3", "experiment=openmoji_ldm"], "or -1 (no limit)"),
+        ("encoder.model='", ["encoder=hf", "encoder.model={tmp}/no-model"],
+         "no such folder, and not reachable on the hub in offline mode (HF_HUB_OFFLINE=1)"),
+        ("ckpt_path='", ["ckpt_path={truncated}"], "is not a text2img checkpoint (unreadable"),
+    ],
+)
+def test_command_line_errors_are_one_line_before_anything_starts(tmp_path, entry_point, key, args, says):
+    """Values a new user typed, through the real command line (argument checks, Hydra, error reporting)."""
+    args = [arg.format(tmp=tmp_path, truncated=truncated_checkpoint(tmp_path) if "{truncated}" in arg else "")
+            for arg in args]
+    folder = tmp_path / "run"
+    out = entry_point("train", *args, *SMOKE, f"hydra.run.dir={folder}", f"paths.cache_dir={tmp_path / 'cache'}")
+    assert out.returncode == 1, out.stderr
+    last_line = out.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"text2img: error: {key}") and says in last_line, out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    # nothing started: the seed is set right after the checks, a first stage or a fit would write here
+    assert "Seed set" not in out.stdout + out.stderr
+    assert not (folder / "checkpoints").exists() and not (tmp_path / "cache" / "first_stages").exists()

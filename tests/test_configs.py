@@ -126,14 +126,8 @@ def test_default_config_wires_dimensions(tmp_path):
         assert cond.tokens.shape == (2, 5, generator.cond_dim)
 
 
-def test_cli_prints_composed_config():
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "text2img.train", "--cfg", "job", "encoder=minilm"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
-    )
+def test_cli_prints_composed_config(entry_point):
+    out = entry_point("train", "--cfg", "job", "encoder=minilm")
     assert out.returncode == 0, out.stderr
     assert "_target_: text2img.encoders.MiniLMEncoder" in out.stdout
     assert "in_dim: ${encoder.hidden_size}" in out.stdout

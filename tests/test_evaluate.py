@@ -46,8 +46,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_prints_a_table_and_writes_json_next_to_the_run(checkpoint: Path, tmp_path: Path) -> None:
-    out = cli(f"ckpt={checkpoint}", "n_samples=12", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}",
+def test_cli_prints_a_table_and_writes_json_next_to_the_run(checkpoint: Path, tmp_path: Path, entry_point) -> None:
+    out = entry_point("evaluate", f"ckpt={checkpoint}", "n_samples=12", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}",
               *SMALL_LIT)
     assert out.returncode == 0, out.stderr[-2000:]
     report_file = checkpoint.parents[1] / "eval" / "test-last-n12-seed1234-effnet_lite0.json"
@@ -94,15 +94,15 @@ def test_one_and_two_ddp_processes_give_the_same_figures(checkpoint: Path, tmp_p
     assert ddp == pytest.approx(single, rel=1e-4)
 
 
-def one_line(out: subprocess.CompletedProcess) -> str:
+def one_line(out) -> str:  # a subprocess.CompletedProcess or a CliResult
     assert out.returncode != 0
     message = out.stderr.strip().splitlines()[-1]
     assert message.startswith("text2img: error: ")
     return message
 
 
-def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
-    message = one_line(cli(f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path}"))
+def test_missing_checkpoint_is_one_line(tmp_path: Path, entry_point) -> None:
+    message = one_line(entry_point("evaluate", f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path}"))
     assert f"ckpt='{tmp_path / 'nope.ckpt'}' does not exist; pass a .ckpt written by text2img.train" in message
 
 

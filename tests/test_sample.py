@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import REPO_ROOT, compose_train, smoke_overrides, write_imagefolder
+from conftest import compose_train, smoke_overrides, write_imagefolder
 from text2img.data.imagefolder import load_rgb_square
 from text2img.grid import captioned_grid
 from text2img.sample import Sampled, image_name, image_seed, sample, slug
@@ -134,14 +132,8 @@ def test_img2img_strength_sets_how_far_from_the_input(checkpoint: Path, tmp_path
     assert near < far
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "text2img.sample", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600
-    )
-
-
-def test_cli_writes_into_the_checkpoints_run_folder_and_says_where(checkpoint: Path, tmp_path: Path) -> None:
-    out = cli(f"ckpt={checkpoint}", 'prompts=["red apple","green apple"]', "n=2", "seed=4", "guidance=3", "steps=3",
+def test_cli_writes_into_the_checkpoints_run_folder_and_says_where(checkpoint: Path, tmp_path: Path, entry_point) -> None:
+    out = entry_point("sample", f"ckpt={checkpoint}", 'prompts=["red apple","green apple"]', "n=2", "seed=4", "guidance=3", "steps=3",
               f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     folder = Path(out.stdout.strip().splitlines()[-1].split(" -> ")[1])
@@ -152,9 +144,9 @@ def test_cli_writes_into_the_checkpoints_run_folder_and_says_where(checkpoint: P
     ]
 
 
-def test_bad_input_on_the_command_line_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
+def test_bad_input_on_the_command_line_is_one_line(checkpoint: Path, tmp_path: Path, entry_point) -> None:
     image, _ = write_edit_inputs(tmp_path)
-    out = cli(f"ckpt={checkpoint}", "prompts=[apple]", f"init_image={image}", "strength=1.5", f"hydra.run.dir={tmp_path}")
+    out = entry_point("sample", f"ckpt={checkpoint}", "prompts=[apple]", f"init_image={image}", "strength=1.5", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
         "text2img: error: strength=1.5 is out of range; use 0 < strength <= 1"

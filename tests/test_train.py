@@ -81,13 +81,8 @@ def test_ddp_cpu_two_processes(tmp_path, imagefolder):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "eval-cache", "run"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "text2img.train", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=300)
-
-
-def test_unknown_option_names_the_choices():
-    out = run_cli("encoder=gpt9")
+def test_unknown_option_names_the_choices(entry_point):
+    out = entry_point("train", "encoder=gpt9")
     assert out.returncode != 0
     assert out.stderr.strip() == "text2img: error: unknown encoder 'gpt9'; choose one of: hf, minilm, smollm2, tiny"
 
@@ -136,8 +131,8 @@ def test_bad_metadata(tmp_path, imagefolder, line, expected):
     assert expected in one_line_error(exc)
 
 
-def test_bad_input_from_the_command_line_is_one_line(tmp_path, imagefolder):
-    out = run_cli(*smoke_overrides(tmp_path / "nowhere"), f"hydra.run.dir={tmp_path}/run")
+def test_bad_input_from_the_command_line_is_one_line(tmp_path, imagefolder, entry_point):
+    out = entry_point("train", *smoke_overrides(tmp_path / "nowhere"), f"hydra.run.dir={tmp_path}/run")
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if line.startswith("text2img: error")]
     assert len(errors) == 1 and "does not exist" in errors[0]
