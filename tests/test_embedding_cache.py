@@ -126,6 +126,7 @@ def _race(root: str, barrier, out: str) -> None:
     torch.save({"tokens": result.tokens, "pooled": result.pooled, "misses": cache.stats.misses}, out)
 
 
+@pytest.mark.slow  # two fresh interpreters racing for the cache lock: ~8 s
 def test_two_processes_share_an_empty_cache(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(2)

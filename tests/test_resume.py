@@ -137,6 +137,7 @@ def test_a_killed_run_relaunched_with_the_same_command_resumes_exactly(tmp_path,
     assert_same_state(checkpoint(run), checkpoint(reference))
 
 
+@pytest.mark.slow  # a CLI process signalled mid-run, then resumed: ~18 s on an idle 2-core machine
 def test_sigterm_saves_the_step_it_reached_and_exits_143(tmp_path, imagefolder, reference):
     # sent during step 7's batch, which has no validation (every 2 steps) and so no checkpoint of its own
     stopped = cli(tmp_path, imagefolder, *stop_at(6, "SIGTERM"))
