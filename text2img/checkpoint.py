@@ -19,7 +19,8 @@ def load_checkpoint(path: str, key: str = "ckpt") -> dict[str, Any]:
     file = Path(path).expanduser()
     usage = "pass a .ckpt written by text2img.train, e.g. outputs/train/runs/<run>/checkpoints/last.ckpt"
     if not file.is_file():
-        raise ConfigError(f"{key}='{path}' does not exist; {usage}")
+        problem = "is a folder" if file.is_dir() else "does not exist"
+        raise ConfigError(f"{key}='{path}' {problem}; {usage}")
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated, unreadable, or not a torch file at all

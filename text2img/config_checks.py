@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -60,6 +60,7 @@ def exactly(expected: Any, wording: str) -> Requirement:
 
 
 ANY_INTEGER = Requirement(_is_int, "an integer")
+NUMBER = Requirement(_is_number, "a number")
 POSITIVE = Requirement(lambda value: _is_number(value) and value > 0, "a number > 0")
 NON_NEGATIVE = Requirement(lambda value: _is_number(value) and value >= 0, "a number >= 0")
 RATE = Requirement(lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)")  # dropouts, decays
@@ -289,8 +290,37 @@ def _encoder(cfg: DictConfig, values: dict) -> None:
         encoder.check_config()
 
 
+def validation_figures(values: dict) -> list[str]:
+    """Every `val/<figure>` the configured metrics can log (`EvalMetric.FIGURES`), read from their classes: nothing
+    is built."""
+    figures = []
+    for metric in (values.get("metrics") or {}).values():
+        if metric is None:
+            continue
+        extractor = metric.get("extractor")
+        tag = get_class(extractor["_target_"]).feature_name if isinstance(extractor, dict) else ""
+        figures += [f"val/{name.format(extractor=tag)}" for name in get_class(metric["_target_"]).FIGURES]
+    return figures
+
+
+def _optimized_metric(cfg: DictConfig, values: dict) -> None:
+    """`optimized_metric`, the best checkpoint's monitor and the sweepers' value, is a figure that validation logs
+    (a training figure, `train/...`, is the module's own)."""
+    found, name = _lookup(values, "optimized_metric")
+    if not found or name is None or str(name).startswith("train/") or "evaluation" not in values.get("callbacks", {}):
+        return
+    figures = validation_figures(values)
+    if name not in figures:
+        chosen = ",".join(key for key, metric in values.get("metrics", {}).items() if metric is not None)
+        raise ConfigError(
+            f"optimized_metric={typed(name)} is not a validation figure of metrics=[{chosen}], which log "
+            f"{', '.join(figures) or 'nothing'}; set optimized_metric to one of them, or add the metric that "
+            "computes it to metrics="
+        )
+
+
 CROSS_CHECKS: tuple[Callable[[DictConfig, dict], None], ...] = (
-    _fractions, _folders, _fusion_heads, _accelerator, _checkpoints, _hub_models, _encoder,
+    _fractions, _folders, _fusion_heads, _accelerator, _checkpoints, _hub_models, _encoder, _optimized_metric,
 )
 
 
@@ -326,13 +356,19 @@ def resolved(cfg: DictConfig) -> dict:
         raise ConfigError(f"{key} cannot be resolved: {problem}; fix the interpolation or set {key}=<value>") from exc
 
 
+def check_rules(values: dict, rules: tuple[tuple[str, Requirement], ...]) -> None:
+    """A one-line ConfigError for the first of `rules` that a resolved config breaks (keys it lacks are skipped);
+    the other entry points check their own options with it."""
+    for key, requirement in rules:
+        found, value = _lookup(values, key)
+        if found and not requirement.test(value):
+            raise ConfigError(f"{key}={typed(value)} is invalid; set {key} to {requirement.wording}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise a one-line error (a ConfigError, or the ValueError of a check shared with the data or the encoder)
     for the first value of a composed train config that cannot work."""
     values = resolved(cfg)
-    for key, requirement in RULES:
-        found, value = _lookup(values, key)
-        if found and not requirement.test(value):
-            raise ConfigError(f"{key}={typed(value)} is invalid; set {key} to {requirement.wording}")
+    check_rules(values, RULES)
     for check in CROSS_CHECKS:
         check(cfg, values)

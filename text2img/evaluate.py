@@ -22,9 +22,16 @@ from omegaconf import DictConfig
 from text2img.callbacks.evaluation import Evaluation
 from text2img.cli import CONF_DIR, run_checked
 from text2img.checkpoint import load_model, run_folder
-from text2img.train import user_error
+from text2img.config_checks import GUIDANCE, NULL, SIZE, check_rules, integer, one_of
+from text2img.errors import ConfigError
+from text2img.train import RUN_ERRORS, user_error
 
 log = logging.getLogger(__name__)
+
+RULES = (
+    ("n_samples", SIZE | NULL), ("split", one_of("test", "val")), ("seed", integer(0)), ("batch_size", SIZE),
+    ("guidance_scale", GUIDANCE | NULL), ("steps", SIZE | NULL),
+)
 
 
 def report_path(cfg: DictConfig, n_samples: int) -> Path:
@@ -50,6 +57,9 @@ def format_table(figures: dict[str, float]) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Generate, score and report; returns the report written as JSON."""
     try:
+        check_rules({key: cfg[key] for key, _ in RULES}, RULES)
+        if cfg.out and Path(cfg.out).expanduser().is_dir():
+            raise ConfigError(f"out='{cfg.out}' is a folder; pass the path of the JSON report, e.g. out=report.json")
         data = {"eval_samples": cfg.n_samples, "test_split": cfg.split, "eval_batch_size": cfg.batch_size}
         checkpoint, datamodule, model = load_model(cfg.ckpt, data)
         metrics = instantiate(cfg.metrics)
@@ -64,9 +74,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     evaluation = Evaluation(metrics, cache_dir=f"{cfg.paths.cache_dir}/eval")
     trainer = instantiate(cfg.trainer, callbacks=[evaluation], logger=False, enable_checkpointing=False)
     start = time.perf_counter()
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    try:  # the split's images are read here: a bad one (DataError) surfaces now
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    except Exception as exc:
+        if (error := user_error(exc, RUN_ERRORS)) is not None:
+            raise error from exc
+        raise
     seconds = time.perf_counter() - start
     n_samples = len(datamodule.test_set)
+    if n_samples == 0:  # the data module warned why
+        other = "val" if cfg.split == "test" else "test"
+        raise SystemExit(
+            f"text2img: error: split={cfg.split}: the checkpoint's {cfg.split} split has "
+            f"{len(datamodule.splits[cfg.split].images)} image(s), too few to evaluate (FID and KID need 2); try "
+            f"split={other}, or train on data with a larger data.source.{cfg.split}_fraction"
+        )
     report = {
         "checkpoint": str(Path(cfg.ckpt).expanduser().absolute()),
         "step": checkpoint.get("global_step"),

@@ -28,8 +28,11 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from text2img import pipeline
-from text2img.checkpoint import load_model
+from hydra.utils import get_class
+
+from text2img.checkpoint import load_checkpoint, load_model
 from text2img.cli import CONF_DIR, run_checked
+from text2img.config_checks import FLAG, check_rules
 from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
 from text2img.files import atomic_path
@@ -119,6 +122,14 @@ def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path, tune
     }
 
 
+def check_diffusion(generator: type, checkpoint: str | None) -> None:
+    if not issubclass(generator, DiffusionGenerator):
+        raise ConfigError(
+            f"export writes diffusion models (generator=diffusion or generator=ldm); ckpt='{checkpoint}' "
+            f"holds a {generator.__name__}"
+        )
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     if out.is_file():
         raise ConfigError(f"out='{out}' is a file; pass a folder (new or empty) to export to")
@@ -151,11 +162,7 @@ def write_export(
             )
         encoder = tuned_encoder
     generator = model.generator
-    if not isinstance(generator, DiffusionGenerator):
-        raise ConfigError(
-            f"export writes diffusion models (generator=diffusion or generator=ldm); ckpt='{source.get('checkpoint')}' "
-            f"holds a {type(generator).__name__}"
-        )
+    check_diffusion(type(generator), source.get("checkpoint"))
     check_out(out, overwrite)
     model.eval()
     sampler = generator.make_sampler()
@@ -284,7 +291,10 @@ def export(cfg: DictConfig) -> Path:
     """Load `cfg.ckpt` and write it to `cfg.out`; returns the folder."""
     out = Path(cfg.out).expanduser()
     try:
-        check_out(out, cfg.overwrite)  # before the model is loaded: fail fast
+        check_rules({key: cfg[key] for key in ("copy_encoder", "overwrite")}, (("copy_encoder", FLAG), ("overwrite", FLAG)))
+        # before the model is built: fail fast
+        check_out(out, cfg.overwrite)
+        check_diffusion(get_class(load_checkpoint(cfg.ckpt)["text2img_config"]["generator"]["_target_"]), cfg.ckpt)
         checkpoint, datamodule, model = load_model(cfg.ckpt)
         encoder = datamodule.encoder
         if not isinstance(encoder, HFTextEncoder):

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from text2img.checkpoint import load_model, run_folder
 from text2img.cli import CONF_DIR, run_checked
+from text2img.config_checks import ANY_INTEGER, NULL, NUMBER, check_rules, integer
 from text2img.data.base import uint8_to_tensor
 from text2img.data.imagefolder import load_rgb_square
 from text2img.errors import ConfigError
@@ -47,6 +48,11 @@ from text2img.types import TextEmbedding
 log = logging.getLogger(__name__)
 
 REQUIRED = {"ckpt": "outputs/train/runs/<run>/checkpoints/last.ckpt", "prompts": """'["red apple"]'"""}
+# The options' types (their ranges are checked where they are used, and by the generator)
+RULES = (
+    ("n", ANY_INTEGER), ("seed", integer(0)), ("batch_size", ANY_INTEGER), ("guidance", NUMBER | NULL),
+    ("steps", ANY_INTEGER | NULL),
+)
 # As diffusers' pipelines: image-to-image keeps some of the input's layout, inpainting redraws the region.
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 
@@ -175,9 +181,12 @@ def sample(cfg: DictConfig) -> Sampled:
             if OmegaConf.is_missing(cfg, option):
                 raise ConfigError(f"{option} is required, e.g. {option}={example}")
         prompts = check_prompts(cfg.prompts)
+        check_rules({key: cfg[key] for key, _ in RULES}, RULES)
         for option in ("n", "batch_size"):
             if cfg[option] < 1:
                 raise ConfigError(f"{option}={cfg[option]} must be at least 1")
+        if cfg.out and Path(cfg.out).expanduser().is_file():
+            raise ConfigError(f"out='{cfg.out}' is a file; pass a folder (new or existing) for the images")
         device = check_device(cfg.device)
         checkpoint, datamodule, model = load_model(cfg.ckpt)
         edit = load_edit(cfg, model.generator.image_size)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from text2img.cli import CONF_DIR, run_checked
 from text2img.config_checks import check_config
-from text2img.errors import ConfigError, root_cause
+from text2img.errors import ConfigError, DataError, message_of, root_cause
 from text2img.first_stage_run import ensure_first_stage
 from text2img.fusion import build_fusion
 from text2img.generators import LatentDiffusionGenerator
@@ -24,8 +24,11 @@ from text2img.tracking import finish_wandb_run
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "the user's config or data is wrong": reported as one line, before training.
+# Errors that mean "the user's config or data is wrong", reported as one line: while the run is built, any
+# ValueError or FileNotFoundError (constructors check their arguments); once training or testing runs, only text2img's
+# own, raised on purpose (a ValueError from deep inside a fit is more likely a bug, which keeps its traceback).
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+RUN_ERRORS = (ConfigError, DataError)
 
 
 @dataclass
@@ -69,10 +72,10 @@ def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     return datamodule, model
 
 
-def user_error(exc: BaseException) -> SystemExit | None:
-    """A one-line exit for mistakes in the user's config, data or arguments; None for bugs."""
+def user_error(exc: BaseException, errors: tuple[type[Exception], ...] = USER_ERRORS) -> SystemExit | None:
+    """A one-line exit for mistakes in the user's config, data or arguments (`errors`); None for bugs."""
     cause = root_cause(exc)  # Hydra wraps constructor errors
-    return SystemExit(f"text2img: error: {cause}") if isinstance(cause, USER_ERRORS) else None
+    return SystemExit(f"text2img: error: {message_of(cause)}") if isinstance(cause, errors) else None
 
 
 def trainer_clip_value(model: L.LightningModule, configured: float | None) -> float | None:
@@ -149,11 +152,16 @@ def _fit_and_test(cfg: DictConfig) -> float | None:
         raise
     for logger in run.trainer.loggers:
         logger.log_hyperparams(run.model.run_config)
-    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
-    # read before testing: `trainer.test` replaces the callback metrics
-    value = run.trainer.callback_metrics.get(cfg.optimized_metric)
-    if cfg.get("test"):
-        run.trainer.test(run.model, datamodule=run.datamodule)
+    try:  # data are read as the fit and the test run: a bad sample or shard (DataError) surfaces only there
+        run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # read before testing: `trainer.test` replaces the callback metrics
+        value = run.trainer.callback_metrics.get(cfg.optimized_metric)
+        if cfg.get("test"):
+            run.trainer.test(run.model, datamodule=run.datamodule)
+    except Exception as exc:
+        if (error := user_error(exc, RUN_ERRORS)) is not None:
+            raise error from exc
+        raise
     if run.trainer.is_global_zero:
         _report(run, cfg)
     return None if value is None else float(value)

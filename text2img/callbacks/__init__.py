@@ -1,4 +1,5 @@
 from text2img.callbacks.adapter_checkpoint import AdapterCheckpoint
+from text2img.callbacks.best_checkpoint import BestCheckpoint
 from text2img.callbacks.effective_batch import EffectiveBatchSize
 from text2img.callbacks.ema import EMA
 from text2img.callbacks.evaluation import Evaluation
@@ -8,6 +9,6 @@ from text2img.callbacks.rng_state import RNGState
 from text2img.callbacks.sample_grid import SampleGridCallback
 
 __all__ = [
-    "AdapterCheckpoint", "EffectiveBatchSize", "EMA", "Evaluation", "LastCheckpoint", "LoggedProgressBar", "RNGState",
-    "SampleGridCallback", "progress_bar",
+    "AdapterCheckpoint", "BestCheckpoint", "EffectiveBatchSize", "EMA", "Evaluation", "LastCheckpoint",
+    "LoggedProgressBar", "RNGState", "SampleGridCallback", "progress_bar",
 ]

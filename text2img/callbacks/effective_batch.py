@@ -32,7 +32,8 @@ class EffectiveBatch:
 
 class EffectiveBatchSize(L.Callback):
     """Logs the effective batch size (what the learning rate is tuned for) once, from global rank 0, when
-    training starts: data.batch_size x trainer.accumulate_grad_batches x trainer.devices x trainer.num_nodes."""
+    training starts: the training loader's batch size (data.batch_size, or a whole train split smaller than it, see
+    `Text2ImgDataModule`) x trainer.accumulate_grad_batches x trainer.devices x trainer.num_nodes."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         batch = effective_batch(trainer)

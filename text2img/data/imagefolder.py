@@ -14,10 +14,14 @@ one is refused instead. Captions have their whitespace collapsed. Images are loa
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from text2img.data.base import ImageCaptionDataset, ImageCaptionSource, Transform, Unusable, uint8_to_tensor
+from text2img.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +39,24 @@ _EXAMPLE = '{"file_name": "cat.png", "text": "a grey cat"}'
 _LINE_FIX = f"each line must be an object like {_EXAMPLE}"
 _SHOWN_LINES = 3  # line numbers listed per reason in the skip warning
 # What PIL raises for a file it cannot identify, decode or check (truncated, corrupt, missing, huge).
-_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_UNREADABLE = (OSError, SyntaxError, ValueError)
 
 
-def load_rgb_square(path: Path, size: int) -> np.ndarray:
+@contextmanager
+def open_image(path: Path | io.BytesIO) -> Iterator[Image.Image]:
+    """`Image.open` without PIL's decompression-bomb limit (an error above 179 MP, a guard for untrusted uploads):
+    a data set's images are its owner's, and a large scan or panorama is no attack."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as image:
+            yield image
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def load_rgb_square(path: Path | io.BytesIO, size: int) -> np.ndarray:
     """The image at `path` as [size, size, 3] uint8: upright, transparency on white, centre-cropped."""
-    with Image.open(path) as file:
+    with open_image(path) as file:
         image: Image.Image = ImageOps.exif_transpose(file)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
@@ -51,10 +68,12 @@ def load_rgb_square(path: Path, size: int) -> np.ndarray:
 def _check_decodes(path: Path, size: int) -> None:
     """Decode the image at `path` as training will (at reduced scale where the format allows: JPEG), so a
     truncated file, which passes PIL's `verify`, is caught now rather than mid-training."""
+    if path.is_dir():
+        raise Unusable("not an image file", f"{path} is a folder; name an image file in it")
     if not path.is_file():
         raise Unusable("missing image", f"no file {path}")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.draft("RGB", (size, size))
             image.load()
     except _UNREADABLE as err:
@@ -106,8 +125,8 @@ class ImageFileDataset(ImageCaptionDataset):
         try:
             return uint8_to_tensor(load_rgb_square(path, self.image_size))
         except _UNREADABLE as err:  # passed the construction-time check but fails to decode
-            raise OSError(
-                f"imagefolder: cannot decode {path} ({err}); remove it or its line in {METADATA}"
+            raise DataError(
+                f"imagefolder: cannot decode {path} ({err}); replace it, or remove it or its line in {METADATA}"
             ) from err
 
 
@@ -142,14 +161,22 @@ class ImageFolderSource(ImageCaptionSource):
         self.paths: list[Path] = []
         self._captions: list[str] = []
         skipped: dict[str, list[int]] = {}  # reason -> line numbers
-        # Bytes, decoded line by line: one line that is not UTF-8 must not make the others unreadable.
-        lines = [(n, raw) for n, raw in enumerate(metadata.read_bytes().split(b"\n"), start=1) if raw.strip()]
+        first_line: dict[tuple[Path, str], int] = {}  # (image, caption) -> the line that listed it first
+        # Bytes, decoded line by line: one line that is not UTF-8 must not make the others unreadable. A line of
+        # nothing but whitespace and a byte-order mark (Windows editors write one) lists nothing.
+        lines = [
+            (n, raw) for n, raw in enumerate(metadata.read_bytes().split(b"\n"), start=1)
+            if raw.replace(codecs.BOM_UTF8, b"").strip()
+        ]
         for number, raw in lines:
             try:
                 path, caption = self._sample(raw)
+                # the same sample twice (metadata concatenated twice, say) would double its weight in training
+                if (first := first_line.setdefault((path, caption), number)) != number:
+                    raise Unusable("duplicate line", f"the same image and caption as line {first}")
             except Unusable as unusable:
                 if strict:
-                    raise ValueError(
+                    raise DataError(
                         f"imagefolder: {metadata} line {number}: {unusable}; fix or remove the line, or set "
                         "data.source.strict=false to skip unusable samples with a warning"
                     ) from None
@@ -158,10 +185,10 @@ class ImageFolderSource(ImageCaptionSource):
             self.paths.append(path)
             self._captions.append(caption)
         if not lines:
-            raise ValueError(f"{metadata} lists no images; add a line per image like {_EXAMPLE}")
+            raise DataError(f"{metadata} lists no images; add a line per image like {_EXAMPLE}")
         report = "; ".join(f"{reason}: {_line_numbers(numbers)}" for reason, numbers in skipped.items())
         if not self.paths:
-            raise ValueError(
+            raise DataError(
                 f"imagefolder: none of the {len(lines)} samples of {metadata} is usable ({report}); "
                 f"{_LINE_FIX}, naming an image in the folder"
             )

@@ -43,7 +43,7 @@ from torch import Tensor
 from text2img.data.base import ArrayImageDataset, Transform, Unusable, uint8_to_tensor
 from text2img.data.caption_augment import CaptionAugment
 from text2img.data.imagefolder import _UNREADABLE, load_rgb_square
-from text2img.errors import ConfigError
+from text2img.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class SampleDecoder:
                 yield self.decode(sample)
             except Unusable as unusable:
                 if self.strict:
-                    raise ValueError(
+                    raise DataError(
                         f"webdataset: sample {sample.get('__key__')!r} of shard {sample.get('__url__')!r} is "
                         f"unusable ({unusable}); fix or remove it, or set data.source.strict=false to skip "
                         "unusable samples with a warning"
@@ -138,6 +138,22 @@ class SampleDecoder:
         if not caption:
             raise Unusable("no caption", 'no .txt, and no "caption" in a .json')
         return caption
+
+
+@dataclass
+class _ShardRefused:
+    """A webdataset handler for the splits read whole: a shard that cannot be opened or is not a tar is one
+    `DataError` naming it (the training stream skips such a shard with a warning instead)."""
+
+    option: str
+
+    def __call__(self, exc: Exception) -> bool:
+        url = exc.args[-1] if len(exc.args) > 1 else "?"  # webdataset appends (stream, url) to a reader's error
+        problem = exc.args[0] if exc.args else type(exc).__name__
+        raise DataError(
+            f"webdataset: shard {url!r} of {self.option} cannot be read ({problem}: not a tar file, truncated or "
+            f"unreachable); replace it, or remove it from {self.option}"
+        ) from exc
 
 
 @dataclass
@@ -243,13 +259,15 @@ class WebDatasetSource:
             # every process reads all of it: no node or worker split, no shuffle
             shards = wds.WebDataset(
                 self.urls[name], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                empty_check=False,
+                empty_check=False, handler=_ShardRefused(f"data.source.{name}_shards"),
             ).compose(decoder)
             limit = self.reference_samples if name == "train" else None
             samples = list(itertools.islice(shards, limit))
             if not samples:
-                raise ValueError(
-                    f"webdataset: data.source.{name}_shards hold no usable sample ({dict(decoder.skipped)}); "
+                skipped = ", ".join(f"{reason}: {count}" for reason, count in decoder.skipped.items())
+                raise DataError(
+                    f"webdataset: data.source.{name}_shards hold no usable sample "
+                    f"({f'skipped {skipped}' if skipped else 'the shards are empty'}); "
                     "each sample needs an image (.jpg/.png/.webp) and a .txt or .json caption"
                 )
             images, captions = zip(*samples)

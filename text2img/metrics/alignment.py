@@ -25,6 +25,8 @@ class LiTAlignment(EvalMetric):
     config, seed) is seen, and cached under `<cache_dir>/lit/`.
     """
 
+    FIGURES = tuple(f"{name}{kind}" for name in ("clip_score_lit", "r_precision") for kind in ("", "_real", "_shuffled"))
+
     def __init__(self, extractor: ImageFeatureExtractor, k: int = 32, config: LiTConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         if k < 2:

@@ -195,6 +195,8 @@ class AttributeAccuracy(EvalMetric):
     generated images are read against.
     """
 
+    FIGURES = (*(f"attr_{name}" for name in ATTRIBUTES), "attr_overall_real")
+
     def __init__(self) -> None:
         super().__init__()
         self.add_state("correct", torch.zeros(len(ATTRIBUTES), dtype=torch.float64), dist_reduce_fx="sum")

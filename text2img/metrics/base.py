@@ -63,6 +63,9 @@ class EvalMetric(Metric):
 
     # Figures are whole-set statistics; per-batch values are never wanted.
     full_state_update = False
+    # Every figure `compute` can return, "{extractor}" standing for the image extractor's `feature_name`: what a
+    # config may name as `optimized_metric`, checked before anything is built (`text2img.config_checks`).
+    FIGURES: tuple[str, ...] = ()
 
     def prepare(self, context: EvalContext) -> None:  # noqa: B027 - most metrics need no context
         """Load or build what depends on the run (reference statistics, an evaluator)."""

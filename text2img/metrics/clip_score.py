@@ -88,6 +88,8 @@ class CLIPScoreMetric(EvalMetric):
     """`clip_score` of generated images and their prompts, for users who have CLIP weights (off by default:
     `metrics=[image,clip_score] metrics.clip_score.model=/path/to/clip`)."""
 
+    FIGURES = (LocalCLIPScore.metric_name,)
+
     def __init__(self, model: str) -> None:
         super().__init__()
         self.clip = LocalCLIPScore(model)

@@ -76,6 +76,8 @@ class ImageDistribution(EvalMetric):
     and a warning gives the number needed.
     """
 
+    FIGURES = ("fid_{extractor}", "kid_{extractor}", "is_{extractor}")
+
     def __init__(
         self, extractor: ImageFeatureExtractor, kid_sketch_size: int = 2000, kid_degree: int = 3, inception_score: bool = True
     ) -> None:

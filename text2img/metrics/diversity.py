@@ -49,6 +49,10 @@ class SampleDiversity(EvalMetric):
     (exact under DDP); at most `max_samples` are kept, whole prompts chosen by a fixed hash.
     """
 
+    FIGURES = tuple(
+        f"diversity_{kind}_{space}" for kind in ("within", "across", "ratio") for space in ("pixel", "{extractor}")
+    )
+
     def __init__(self, extractor: ImageFeatureExtractor, max_samples: int = 2000, pixel_size: int = 32) -> None:
         super().__init__()
         if max_samples < 2:

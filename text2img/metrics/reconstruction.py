@@ -16,6 +16,8 @@ class ReconstructionQuality(EvalMetric):
     them. Reports nothing for generators that do not reconstruct.
     """
 
+    FIGURES = ("psnr", "ssim")
+
     def __init__(self) -> None:
         super().__init__()
         self.add_state("psnr_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
