@@ -43,10 +43,13 @@ _UNREADABLE = (OSError, SyntaxError, ValueError)
 
 
 @contextmanager
-def open_image(path: Path | io.BytesIO) -> Iterator[Image.Image]:
-    """`Image.open` without PIL's decompression-bomb limit (an error above 179 MP, a guard for untrusted uploads):
-    a data set's images are its owner's, and a large scan or panorama is no attack."""
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+def open_image(path: Path | io.BytesIO, trusted: bool = True) -> Iterator[Image.Image]:
+    """`Image.open`; for a `trusted` file without PIL's decompression-bomb limit (an error above 179 MP, a guard for
+    untrusted uploads): a folder's images are its owner's, and a large scan or panorama is no attack. Scraped
+    shards (webdataset) keep the limit: such an image is skipped like any unreadable one."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if trusted:
+        Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as image:
             yield image
@@ -54,9 +57,9 @@ def open_image(path: Path | io.BytesIO) -> Iterator[Image.Image]:
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def load_rgb_square(path: Path | io.BytesIO, size: int) -> np.ndarray:
+def load_rgb_square(path: Path | io.BytesIO, size: int, trusted: bool = True) -> np.ndarray:
     """The image at `path` as [size, size, 3] uint8: upright, transparency on white, centre-cropped."""
-    with open_image(path) as file:
+    with open_image(path, trusted) as file:
         image: Image.Image = ImageOps.exif_transpose(file)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")

@@ -112,7 +112,7 @@ class SampleDecoder:
             raise Unusable("no image", f"none of .{', .'.join(IMAGE_EXTENSIONS)}")
         caption = self.caption(sample)
         try:
-            image = load_rgb_square(io.BytesIO(sample[extension]), self.image_size)  # type: ignore[arg-type]
+            image = load_rgb_square(io.BytesIO(sample[extension]), self.image_size, trusted=False)  # type: ignore[arg-type]
         except _UNREADABLE as err:
             raise Unusable("image does not decode", str(err)) from None
         return image, caption
