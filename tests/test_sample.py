@@ -75,13 +75,12 @@ def test_an_image_regenerated_alone_is_the_same(checkpoint: Path, tmp_path: Path
     assert together.images[3].name == "p001-a-yellow-triangle-number-7-seed3.png"
     assert alone.images[0].name == "p000-a-yellow-triangle-number-7-seed3.png"
     assert together.images[3].read_bytes() == alone.images[0].read_bytes()
-    # in a batch of two beside another prompt: bit-identical at the same batch size
+    # beside another prompt, and at any batch size: generation runs at fixed shapes, so bit-identical
     pair = run_sample(tmp_path / "c", checkpoint, prompts, "n=2", "seed=0", "batch_size=2")
     mixed = run_sample(tmp_path / "d", checkpoint, ["a green square", prompts[1]], "n=1", "seed=2", "batch_size=2")
     assert pair.images[3].read_bytes() == mixed.images[1].read_bytes()  # seed 3: with seed 2 / beside seed 2
-    # across batch sizes CPU kernels round differently (~1e-6): at most one level of 255 apart
     for one, two in zip(together.images, pair.images, strict=True):
-        assert np.abs(png(one).astype(int) - png(two).astype(int)).max() <= 1
+        assert one.read_bytes() == two.read_bytes()
 
 
 def test_prompts_missing_from_the_cache_are_encoded_once(checkpoint: Path, tmp_path: Path) -> None:

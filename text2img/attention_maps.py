@@ -182,16 +182,16 @@ def cross_attention_maps(
     guidance_scale: float | None = None,
     steps: int | None = None,
 ) -> CrossAttentionMaps:
-    """Generate the image of `prompt` with `seed` (the one `text2img.sample` draws, to float rounding: the text is
-    trimmed of padding here) and record each conditioning token's cross-attention map; `guidance_scale` and
-    `steps` default to the checkpoint generator's."""
+    """Generate the image of `prompt` with `seed` (the one `text2img.sample` draws, bit for bit) and record each
+    conditioning token's cross-attention map; `guidance_scale` and `steps` default to the checkpoint generator's."""
     encoder_texts, text = datamodule.sampling_prompts([prompt])
-    text = text.trimmed().to(model.device)
-    recorded = AttentionSum(rows=1)
+    text = text.to(model.device)
+    recorded = AttentionSum(rows=1)  # row 0 of the generation chunk: the prompt, not the chunk's filling copies
     with recording_cross_attention(model.generator, recorded):
         image = model.generate(text, [seed], guidance_scale=guidance_scale, steps=steps)[0].cpu()
     maps = recorded.mean_maps(*image.shape[1:])[0].cpu()
     if isinstance(model.fusion, TokenProjection):
+        maps = maps[: int(text.mask[0].sum())]  # the prompt's tokens; padding is never attended
         tokens = token_labels(datamodule.encoder, encoder_texts[0], len(maps))
     else:
         tokens = [f"latent {i}" for i in range(len(maps))]

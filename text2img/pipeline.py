@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,15 +151,20 @@ def encode_tokens(
     `tokenize`'s features.
 
     The hidden state is the mean of the `layer_mean` consecutive entries of the model's `hidden_states`
-    ending at `hidden_index` (0 = embeddings). Captions are sorted by length and each batch padded to its
-    own longest only, so a caption's embedding does not depend on the others.
+    ending at `hidden_index` (0 = embeddings). Without gradients (the embedding cache, sampling, this
+    pipeline) every caption is encoded padded to `max_length`: the kernels then see the same shapes whatever
+    the other captions are, and a caption's embedding is bit for bit its own (SmolLM2 moved by 5e-5 with
+    its batch's padding under AVX2 kernels). A training step (`grad` with autograd on) pads each batch only
+    to its own longest caption, sorted by length, which is cheaper and equal to rounding.
     """
+    fixed_length = not (grad and torch.is_grad_enabled())
+    padding = {"padding": "max_length", "max_length": max_length} if fixed_length else {"padding": True}
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     tokens, masks, pooled = [], [], []
     with nullcontext() if grad else torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = [features[i] for i in order[start : start + batch_size]]
-            batch = tokenizer.pad(rows, padding=True, return_tensors="pt").to(device)
+            batch = tokenizer.pad(rows, **padding, return_tensors="pt").to(device)
             out = model(**batch, output_hidden_states=True)
             read = out.hidden_states[hidden_index - layer_mean + 1 : hidden_index + 1]
             # Averaged in float32, so a single layer (layer_mean=1) is exactly that layer's state.
@@ -174,6 +179,25 @@ def encode_tokens(
     # Built outside inference mode, so the result is an ordinary tensor that autograd may save.
     restore = torch.argsort(torch.tensor(order, device=device))
     return torch.cat(tokens)[restore], torch.cat(masks)[restore], torch.cat(pooled)[restore]
+
+
+# ---- Generation at fixed shapes ----
+
+# Images are generated in batches of exactly this many. CPU kernels (oneDNN, MKL) choose their blocking and
+# reduction order by tensor shape, so an image computed in a batch of another size differs in its last bits
+# (up to a grey level in a PNG); at one fixed shape an image's bits do not depend on what else is generated.
+# 8 keeps CPU throughput within a few percent of large batches (measured, see README "Sampling and editing").
+GENERATION_CHUNK = 8
+
+
+def generate_in_chunks(count: int, generate_chunk: Callable[[list[int]], Tensor]) -> Tensor:
+    """`generate_chunk(rows)` over 0..count-1 in chunks of exactly `GENERATION_CHUNK` rows, the last chunk
+    filled up with copies of its last row whose outputs are dropped; the outputs concatenated, [count, ...]."""
+    outputs = []
+    for start in range(0, count, GENERATION_CHUNK):
+        rows = [min(row, count - 1) for row in range(start, start + GENERATION_CHUNK)]
+        outputs.append(generate_chunk(rows)[: count - start])
+    return torch.cat(outputs)
 
 
 # ---- The exported model ----
@@ -202,8 +226,10 @@ class Sampling:
 class Text2ImgPipeline:
     """Prompt -> text encoder -> fusion head -> UNet denoising loop (classifier-free guidance) -> images.
 
-    Image i's noise comes from `torch.Generator().manual_seed(seeds[i])` on the CPU, as in training, so a
-    seed gives the same image as `Text2ImgModule.generate` with the checkpoint, on any batch.
+    Image i's noise comes from `torch.Generator().manual_seed(seeds[i])` on the CPU, as in training, and every
+    image is computed at the same shapes (prompts padded to the encoder's `max_length`, `GENERATION_CHUNK`
+    images at a time), so a seed gives the same image as `Text2ImgModule.generate` with the checkpoint, bit
+    for bit whatever else is in the batch.
     """
 
     def __init__(
@@ -328,8 +354,21 @@ class Text2ImgPipeline:
         guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
         steps = sampling.sample_steps if steps is None else steps
         check_sampling(guidance_scale, steps, sampling.num_train_timesteps)
-        tokens, mask, pooled = self.encode(prompts)
-        batch = len(prompts)
+        tokens, mask, pooled = self.encode(prompts)  # [B, max_length, D]: every prompt at the same length
+
+        def generate_chunk(rows: list[int]) -> Tensor:
+            return self._generate_chunk(
+                tokens[rows], mask[rows], pooled[rows], [seeds[row] for row in rows], guidance_scale, steps
+            )
+
+        return generate_in_chunks(len(prompts), generate_chunk)
+
+    def _generate_chunk(
+        self, tokens: Tensor, mask: Tensor, pooled: Tensor, seeds: Sequence[int], guidance_scale: float, steps: int
+    ) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] for one chunk of encoded prompts and their seeds."""
+        sampling = self.sampling
+        batch = len(seeds)
         guided = guidance_scale != 1.0
         if guided:  # the learned null embedding: one always-attended token, padded to the prompts' length
             null_tokens = F.pad(self.null_text["tokens"].expand(batch, 1, -1), (0, 0, 0, tokens.shape[1] - 1))

@@ -46,19 +46,23 @@ class TextEmbedding:
         length = max(int(self.mask.sum(1).max()), 1)
         return TextEmbedding(self.tokens[:, :length], self.mask[:, :length], self.pooled)
 
+    def padded_to(self, length: int) -> TextEmbedding:
+        """Right-padded (zero tokens, mask False) to `length` token columns."""
+        extra = length - self.tokens.shape[1]
+        if extra < 0:
+            raise ValueError(f"text of {self.tokens.shape[1]} token columns cannot be padded to {length}")
+        pad = torch.nn.functional.pad
+        return TextEmbedding(pad(self.tokens, (0, 0, 0, extra)), pad(self.mask, (0, extra)), self.pooled)
+
     @staticmethod
     def cat(parts: list[TextEmbedding]) -> TextEmbedding:
         """Concatenate along the batch, right-padding token sequences to the longest."""
         length = max(p.tokens.shape[1] for p in parts)
-
-        def pad(t: Tensor) -> Tensor:
-            return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) if t.ndim == 3 else \
-                torch.nn.functional.pad(t, (0, length - t.shape[1]))
-
+        padded = [p.padded_to(length) for p in parts]
         return TextEmbedding(
-            torch.cat([pad(p.tokens) for p in parts]),
-            torch.cat([pad(p.mask) for p in parts]),
-            torch.cat([p.pooled for p in parts]),
+            torch.cat([p.tokens for p in padded]),
+            torch.cat([p.mask for p in padded]),
+            torch.cat([p.pooled for p in padded]),
         )
 
 

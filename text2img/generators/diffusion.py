@@ -162,7 +162,8 @@ class DiffusionGenerator(Generator):
                 f"steps={steps} is out of range; use 1..{self.noise_scheduler.config.num_train_timesteps}"
             )
 
-    def _check_edit(self, edit: ImageEdit, batch_size: int) -> None:
+    def check_edit(self, edit: ImageEdit, batch_size: int) -> None:
+        """Fail clearly on an edit input that does not fit `batch_size` images of this generator."""
         if not 0.0 < edit.strength <= 1.0:
             raise ConfigError(f"strength={edit.strength} is out of range; use 0 < strength <= 1")
         size = (self.image_size, self.image_size)
@@ -198,7 +199,7 @@ class DiffusionGenerator(Generator):
         steps = self.sample_steps if steps is None else steps
         self._check_sampling(guidance_scale, steps)
         if edit is not None:
-            self._check_edit(edit, len(text))
+            self.check_edit(edit, len(text))
         device = text.tokens.device
         scheduler = self.make_sampler()
         scheduler.set_timesteps(steps, device=device)

@@ -69,6 +69,7 @@ class AdversarialModule(Text2ImgModule):
         discriminator_optimizer: Callable[..., torch.optim.Optimizer],
         caption_dropout: float = 0.0,
         eval_seed: int = 1234,
+        text_length: int | None = None,
         gradient_clip_val: float | None = None,
         alignment_weight: float = 0.0,
         alignment_seed: int = 1,
@@ -93,7 +94,7 @@ class AdversarialModule(Text2ImgModule):
         if alignment_weight < 0:
             raise ConfigError(f"model.alignment_weight={alignment_weight} is negative; use 0 (off) or more")
         super().__init__(
-            fusion, generator, text_dim, optimizer, None, caption_dropout, eval_seed, init_from=init_from,
+            fusion, generator, text_dim, optimizer, None, caption_dropout, eval_seed, text_length, init_from=init_from,
             generator_lora=generator_lora, nonfinite_loss=nonfinite_loss, max_consecutive_skips=max_consecutive_skips,
         )
         self.automatic_optimization = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from text2img.lora import LoraSettings, add_lora
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.diffusion import DiffusionGenerator, ImageEdit
+from text2img.pipeline import generate_in_chunks
 from text2img.types import Batch, EvalOutputs, TextEmbedding
 
 
@@ -32,6 +34,11 @@ class Text2ImgModule(L.LightningModule):
     next-token loss on the prompts (it keeps a tuned encoder from drifting away from language); the encoder's
     parameters get `encoder_lr` (e.g. 1e-5 for full fine-tuning) instead of the optimizer's learning rate.
     Checkpoints leave out its frozen base weights, which reload from their source.
+
+    `text_length` is the token length the text is padded to whenever images are generated (the encoder's
+    `max_length`): with `generate`'s fixed-size chunks, every image is computed at the same tensor shapes, so its
+    bits do not depend on its batch. None (a module built in code, a checkpoint older than the option) keeps the
+    text's own width, which makes an image depend on its batch's longest prompt by rounding.
 
     `init_from` starts the fusion head, generator and null embedding from a trained checkpoint's weights;
     `generator_lora` then freezes the generator and trains peft LoRA adapters of it (with the fusion head and
@@ -54,6 +61,7 @@ class Text2ImgModule(L.LightningModule):
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         caption_dropout: float = 0.1,
         eval_seed: int = 1234,
+        text_length: int | None = None,
         encoder: HFTextEncoder | None = None,
         text_loss_weight: float = 0.0,
         encoder_lr: float | None = None,
@@ -93,6 +101,7 @@ class Text2ImgModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
         self.eval_seed = eval_seed
+        self.text_length = text_length
         if init_from is not None:
             self.load_initial_weights(init_from)
         if generator_lora is not None:
@@ -193,25 +202,35 @@ class Text2ImgModule(L.LightningModule):
         steps: int | None = None,
         edit: ImageEdit | None = None,
     ) -> Tensor:
-        """Images in [0, 1] for the given text; image i depends only on its text, `seeds[i]` and its edit input.
+        """Images in [0, 1] for the given text; image i depends only on its text, `seeds[i]` and its edit input,
+        bit for bit: the text is padded to `text_length` and images are generated in chunks of the fixed size
+        `text2img.pipeline.GENERATION_CHUNK` (the exported pipeline does the same).
 
         `edit` turns sampling into text-guided editing of given images (diffusion backends only).
         """
         if len(seeds) != len(text):
             raise ValueError(f"got {len(seeds)} seeds for {len(text)} prompts; give one seed per prompt")
-        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        null_text = self.null_text(len(text))
+        if edit is not None:
+            if not isinstance(self.generator, DiffusionGenerator):
+                raise ConfigError(
+                    f"{type(self.generator).__name__} cannot edit images (only diffusion backends denoise from a "
+                    "noised input); drop init_image, mask and strength, or use a diffusion checkpoint"
+                )
+            self.generator.check_edit(edit, len(text))  # here, so a message gives the caller's shapes, not a chunk's
+        if self.text_length is not None:
+            text = text.padded_to(self.text_length)
         sampling = {"guidance_scale": guidance_scale, "steps": steps}
-        if edit is None:
-            images = self.generator.sample(text, null_text, self.fusion, generators, **sampling)
-        elif isinstance(self.generator, DiffusionGenerator):
-            images = self.generator.sample(text, null_text, self.fusion, generators, **sampling, edit=edit)
-        else:
-            raise ConfigError(
-                f"{type(self.generator).__name__} cannot edit images (only diffusion backends denoise from a "
-                "noised input); drop init_image, mask and strength, or use a diffusion checkpoint"
-            )
-        return (images.float() + 1) / 2
+
+        def generate_chunk(rows: list[int]) -> Tensor:
+            # A generator per row, copies included: a shared one would be drawn from twice.
+            generators = [torch.Generator().manual_seed(int(seeds[row])) for row in rows]
+            chunk = (text[rows], self.null_text(len(rows)), self.fusion, generators)
+            if edit is None:
+                return self.generator.sample(*chunk, **sampling)
+            mask = None if edit.mask is None else edit.mask[rows]
+            return self.generator.sample(*chunk, **sampling, edit=replace(edit, images=edit.images[rows], mask=mask))
+
+        return (generate_in_chunks(len(text), generate_chunk).float() + 1) / 2
 
     def _eval_step(self, batch: Batch) -> EvalOutputs:
         # The seed of a sample is fixed by its position in the evaluation set: the same images at every
