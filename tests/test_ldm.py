@@ -204,7 +204,7 @@ def test_the_latent_cache_is_reused_keyed_and_aligned_with_the_items(tmp_path, i
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["generator.latent_scale=0"], "generator.latent_scale=0 must be positive"),
+        (["generator.latent_scale=0"], "generator.latent_scale=0 is invalid; set generator.latent_scale to a number > 0"),
         (["data.source.image_size=30"], "downsamples by 4, which does not divide data.source.image_size=30"),
         (["generator.patch_size=3"], "patch_size=3 does not divide the diffusion space's size 8"),
         (

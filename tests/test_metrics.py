@@ -188,7 +188,8 @@ def test_preparing_metrics_leaves_the_runs_random_stream_alone():
             return {}
 
     datamodule = SimpleNamespace(
-        eval_split=lambda stage: stage, prompts=lambda split: ([], None), source=None, eval_encoder=None, cache=None
+        eval_split=lambda stage: stage, evaluated=lambda stage: True, prompts=lambda split: ([], None), source=None,
+        eval_encoder=None, cache=None,
     )
     trainer = SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     torch.manual_seed(0)

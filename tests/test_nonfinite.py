@@ -98,7 +98,7 @@ def test_skip_gives_up_after_too_many_skips_in_a_row(tmp_path, imagefolder, monk
 
 
 def test_unknown_policy_is_a_one_line_error(tmp_path, imagefolder):
-    with pytest.raises(SystemExit, match=r"model\.nonfinite_loss='pause' is unknown; use stop or skip"):
+    with pytest.raises(SystemExit, match=r"model\.nonfinite_loss='pause' is invalid; set model\.nonfinite_loss to one of stop, skip"):
         train(compose_train(tmp_path, smoke_overrides(imagefolder, "model.nonfinite_loss=pause")))
 
 
