@@ -21,6 +21,8 @@ EXPERIMENT ?= openmoji_ldm
 ARGS ?=
 PYTEST_ARGS ?=
 SLOW ?=
+# pytest-xdist workers: one per core, at most 4 (each holds its own torch and models); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: install train test bench clean
 
@@ -40,7 +42,7 @@ train: $(STAMP)
 # The tests marked slow (the OpenMoji LiT evaluator's training on a fresh clone alone is ~5 min, then DDP
 # runs) run with SLOW=1, as CI does: `make test SLOW=1`.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(if $(SLOW),,-m "not slow") $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(SLOW),,-m "not slow") -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/train_throughput.py
