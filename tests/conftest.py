@@ -178,30 +178,34 @@ class CliResult:
     stderr: str
 
 
-@pytest.fixture
-def entry_point(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> "Callable[..., CliResult]":
+def run_entry_point(entry: str, *args: str) -> CliResult:
     """Run `python -m text2img.<entry> <args>` in this process: the same argument checks, Hydra parsing and error
     reporting as the console script, without a new interpreter's ~5 s of imports."""
+    import contextlib
     import importlib
+    import io
     import sys
 
     from hydra.core.global_hydra import GlobalHydra
 
-    def run(entry: str, *args: str) -> CliResult:
-        module = importlib.import_module(f"text2img.{entry}")
-        monkeypatch.setattr(sys, "argv", [f"text2img-{entry}", *args])
-        GlobalHydra.instance().clear()
-        capsys.readouterr()
-        status: object = 0
+    module = importlib.import_module(f"text2img.{entry}")
+    out, err = io.StringIO(), io.StringIO()
+    status: object = 0
+    GlobalHydra.instance().clear()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(sys, "argv", [f"text2img-{entry}", *args])
         try:
             module.main()
         except SystemExit as exit:
             status = exit.code
         finally:
             GlobalHydra.instance().clear()
-        out, err = capsys.readouterr()
-        if isinstance(status, str):
-            return CliResult(1, out, f"{err}{status}\n")
-        return CliResult(int(status or 0), out, err)
+    if isinstance(status, str):
+        return CliResult(1, out.getvalue(), f"{err.getvalue()}{status}\n")
+    return CliResult(int(status or 0), out.getvalue(), err.getvalue())
 
-    return run
+
+@pytest.fixture
+def entry_point() -> "Callable[..., CliResult]":
+    """`run_entry_point`, for tests that take it as a fixture."""
+    return run_entry_point

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_train, smoke_overrides, write_imagefolder
+from conftest import REPO_ROOT, compose_train, run_entry_point, smoke_overrides, write_imagefolder
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from hydra.utils import get_class
 from safetensors.torch import load_file
@@ -52,10 +52,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint exported from the command line."""
     out = tmp_path_factory.mktemp("exported") / "model"
-    result = subprocess.run(
-        [sys.executable, "-m", "text2img.export", f"ckpt={checkpoint}", f"out={out}", f"hydra.run.dir={out.parent}"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
-    )
+    result = run_entry_point("export", f"ckpt={checkpoint}", f"out={out}", f"hydra.run.dir={out.parent}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"-> {out}" in result.stdout
     return out

@@ -74,8 +74,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Shapes:
     root = tmp_path_factory.mktemp("lit")
     folder = write_imagefolder(root / "data", n=96)
     source = ImageFolderSource(folder, image_size=32, val_fraction=0.2, test_fraction=0.2)
-    extractor = EfficientNetLite0Features()
-    extractor.input_size = 64  # the 224 px default costs ~0.1 s per image on one thread
+    extractor = EfficientNetLite0Features(input_size=64)  # the 224 px default costs ~0.1 s per image on one thread
     embeddings, features = EmbeddingCache(root / "embeddings"), RealFeatureCache(root / "features")
     return Shapes(source, MiniLMEncoder(), extractor, embeddings, features)
 
