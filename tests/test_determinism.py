@@ -138,6 +138,7 @@ def test_every_backend_draws_an_image_independently_of_its_batch(
     assert_bit_identical(images)
 
 
+@pytest.mark.slow  # a fresh interpreter under the AVX2 kernels: ~10 s
 def test_avx2_kernels_give_the_same_bits_in_any_batch_and_stay_within_a_grey_level(
     checkpoint: Path, exported: Path, tmp_path: Path
 ) -> None:

@@ -115,6 +115,7 @@ def test_noise_scores_worst(extractor: EfficientNetLite0Features, real_images: T
     assert close["kid_effnet"] < far["kid_effnet"] / 10
 
 
+@pytest.mark.slow  # torchmetrics recomputes every feature: ~6 s
 def test_matches_torchmetrics_fid_and_kid(extractor: EfficientNetLite0Features, real_images: Tensor) -> None:
     fake = smooth_images(N, seed=7)
     ours = figures(extractor, real_images, whole(fake))

@@ -182,6 +182,7 @@ io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, sys.argv[1])
 """
 
 
+@pytest.mark.slow  # a fresh interpreter killed mid-write: ~5 s
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     out = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(path)], cwd=REPO_ROOT, capture_output=True,
