@@ -368,6 +368,7 @@ def test_layer_mean_out_of_range() -> None:
     assert "encoder.layer_mean=0 must be >= 1" in one_line(error)
 
 
+@pytest.mark.slow  # the real SmolLM2 (test_cli_errors checks the same message on a tiny local model)
 def test_hidden_size_mismatch(asset_cache_dir: Path) -> None:
     encoder = SmolLM2Encoder(cache_dir=asset_cache_dir / "models", hidden_size=384)
     with pytest.raises(ValueError) as error:
