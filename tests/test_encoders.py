@@ -40,18 +40,11 @@ def minilm() -> MiniLMEncoder:
     return MiniLMEncoder()
 
 
-def direct_hidden_states(
-    encoder: HFTextEncoder, texts: list[str], fixed_length: bool = False
-) -> tuple[torch.Tensor, ...]:
-    """All hidden states of the encoder's model in one call, without the encoder's batching; with `fixed_length`
-    padded to its `max_length` as the encoder computes them (its real positions returned): the same shapes, so
-    the same bits (deep layers of SmolLM2 move by ~5e-5 with the padded length)."""
+def direct_hidden_states(encoder: HFTextEncoder, texts: list[str]) -> tuple[torch.Tensor, ...]:
+    """All hidden states of the encoder's model, without the encoder's batching (texts of one token length)."""
     assert encoder.model is not None and encoder.tokenizer is not None
-    padding = {"padding": "max_length", "max_length": encoder.max_length} if fixed_length else {"padding": True}
-    batch = encoder.tokenizer(texts, return_tensors="pt", **padding)
-    length = int(batch["attention_mask"].sum(1).max())
     with torch.inference_mode():
-        return tuple(state[:, :length] for state in encoder.model(**batch, output_hidden_states=True).hidden_states)
+        return encoder.model(**encoder.tokenizer(texts, return_tensors="pt"), output_hidden_states=True).hidden_states
 
 
 def check_contract(out: TextEmbedding, batch: int, length: int, dim: int) -> None:
@@ -96,7 +89,7 @@ def test_smollm2_contract(smollm2: SmolLM2Encoder) -> None:
     lengths = out.mask.sum(1)
     torch.testing.assert_close(out.pooled, out.tokens[torch.arange(len(CAPTIONS)), lengths - 1])
     # the encoder's own tokens match a plain unbatched model call
-    hidden = direct_hidden_states(smollm2, [SHORT], fixed_length=True)[-1][0]
+    hidden = direct_hidden_states(smollm2, [SHORT])[-1][0]
     torch.testing.assert_close(out.tokens[1, : hidden.shape[0]], hidden, atol=1e-5, rtol=1e-4)
 
 
@@ -130,7 +123,7 @@ def test_minilm_contract(minilm: MiniLMEncoder) -> None:
 @pytest.mark.slow  # the real SmolLM2 (its first use converts the GGUF file: ~20 s)
 def test_layer_selection(smollm2: SmolLM2Encoder, asset_cache_dir: Path) -> None:
     texts = [SHORT]
-    full = direct_hidden_states(smollm2, texts, fixed_length=True)
+    full = direct_hidden_states(smollm2, texts)
     length = full[0].shape[1]
     last = smollm2.encode(texts).tokens[0, :length]
     for layer in (-2, 15):
@@ -145,14 +138,14 @@ def test_layer_selection(smollm2: SmolLM2Encoder, asset_cache_dir: Path) -> None
 def test_layer_selection_tiny(layer: int) -> None:
     reference = TinyEncoder()
     reference.load()
-    full = direct_hidden_states(reference, [SHORT], fixed_length=True)
+    full = direct_hidden_states(reference, [SHORT])
     out = TinyEncoder(layer=layer).encode([SHORT]).tokens[0, : full[0].shape[1]]
     torch.testing.assert_close(out, full[layer][0], atol=1e-5, rtol=1e-4)
 
 
 def test_layer_selection_bert(minilm: MiniLMEncoder) -> None:
     minilm.load()
-    full = direct_hidden_states(minilm, [SHORT], fixed_length=True)
+    full = direct_hidden_states(minilm, [SHORT])
     encoder = MiniLMEncoder(layer=3)
     out = encoder.encode([SHORT])
     torch.testing.assert_close(out.tokens[0, : full[0].shape[1]], full[3][0], atol=1e-5, rtol=1e-4)
