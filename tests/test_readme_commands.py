@@ -181,8 +181,9 @@ def test_readme_command_runs_as_written(
 
 
 # What the slow test runs for real: the commands this machine can run (CPU, no hub), shrunk.
-# debug=smoke: the tiny encoder (unless the command picks one), a tiny generator, few steps and samples.
-SHRINK = ["debug=smoke", "trainer.max_steps=2", "logger=csv"]
+# debug=smoke: the tiny encoder (unless the command picks one), a tiny generator, 6 steps with 2 validations (a sweep
+# needs its validation figure), few samples.
+SHRINK = ["debug=smoke", "logger=csv"]
 # GPUs, the hub, data that is not here, SLURM, and a checkpoint of an earlier run (`<vae run>`)
 CANNOT_RUN_HERE = ("trainer=gpu", "trainer=ddp ", "trainer=fsdp", "Qwen/", "/data/", SUBMITS_TO_SLURM, "<vae run>")
 
