@@ -24,7 +24,7 @@ from text2img.cli import CONF_DIR, run_checked
 from text2img.checkpoint import load_model, run_folder
 from text2img.config_checks import GUIDANCE, NULL, SIZE, check_rules, integer, one_of
 from text2img.errors import ConfigError
-from text2img.train import RUN_ERRORS, user_error
+from text2img.train import RUN_ERRORS, one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,13 @@ def format_table(figures: dict[str, float]) -> str:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Generate, score and report; returns the report written as JSON."""
-    try:
+    with one_line_errors():
         check_rules({key: cfg[key] for key, _ in RULES}, RULES)
         if cfg.out and Path(cfg.out).expanduser().is_dir():
             raise ConfigError(f"out='{cfg.out}' is a folder; pass the path of the JSON report, e.g. out=report.json")
         data = {"eval_samples": cfg.n_samples, "test_split": cfg.split, "eval_batch_size": cfg.batch_size}
         checkpoint, datamodule, model = load_model(cfg.ckpt, data)
         metrics = instantiate(cfg.metrics)
-    except Exception as exc:
-        if (error := user_error(exc)) is not None:
-            raise error from exc
-        raise
     model.eval_seed = cfg.seed
     model.eval_sampling = {
         name: cfg[name] for name in ("guidance_scale", "steps") if cfg[name] is not None
@@ -74,12 +70,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     evaluation = Evaluation(metrics, cache_dir=f"{cfg.paths.cache_dir}/eval")
     trainer = instantiate(cfg.trainer, callbacks=[evaluation], logger=False, enable_checkpointing=False)
     start = time.perf_counter()
-    try:  # the split's images are read here: a bad one (DataError) surfaces now
+    with one_line_errors(RUN_ERRORS):  # the split's images are read here: a bad one (DataError) surfaces now
         trainer.test(model, datamodule=datamodule, verbose=False)
-    except Exception as exc:
-        if (error := user_error(exc, RUN_ERRORS)) is not None:
-            raise error from exc
-        raise
     seconds = time.perf_counter() - start
     n_samples = len(datamodule.test_set)
     if n_samples == 0:  # the data module warned why

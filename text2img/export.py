@@ -22,14 +22,13 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.export import Dim
 
 from text2img import pipeline
-from hydra.utils import get_class
-
 from text2img.checkpoint import load_checkpoint, load_model
 from text2img.cli import CONF_DIR, run_checked
 from text2img.config_checks import FLAG, check_rules
@@ -41,8 +40,11 @@ from text2img.generators.diffusion import DiffusionGenerator
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgModule
 from text2img.lora import merged_copy
-from text2img.train import user_error
+from text2img.train import one_line_errors
 from text2img.types import TextEmbedding
+
+# The options' types (whether the output folder may be written is checked before the model is loaded)
+RULES = (("copy_encoder", FLAG), ("overwrite", FLAG))
 
 
 class FusionProgram(nn.Module):
@@ -290,8 +292,8 @@ that was encoded in other batches, whose last bits can differ: against those, pi
 def export(cfg: DictConfig) -> Path:
     """Load `cfg.ckpt` and write it to `cfg.out`; returns the folder."""
     out = Path(cfg.out).expanduser()
-    try:
-        check_rules({key: cfg[key] for key in ("copy_encoder", "overwrite")}, (("copy_encoder", FLAG), ("overwrite", FLAG)))
+    with one_line_errors():
+        check_rules({key: cfg[key] for key, _ in RULES}, RULES)
         # before the model is built: fail fast
         check_out(out, cfg.overwrite)
         check_diffusion(get_class(load_checkpoint(cfg.ckpt)["text2img_config"]["generator"]["_target_"]), cfg.ckpt)
@@ -303,10 +305,6 @@ def export(cfg: DictConfig) -> Path:
             )
         source = {"checkpoint": str(Path(cfg.ckpt).expanduser().absolute()), "step": checkpoint.get("global_step")}
         write_export(model, encoder, out, copy_encoder=cfg.copy_encoder, overwrite=cfg.overwrite, source=source)
-    except Exception as exc:
-        if (error := user_error(exc)) is not None:
-            raise error from exc
-        raise
     print(f"exported {cfg.ckpt} -> {out}\nload it with text2img_pipeline.Text2ImgPipeline: see {out / 'README.md'}")
     return out
 

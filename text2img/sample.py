@@ -42,7 +42,7 @@ from text2img.errors import ConfigError
 from text2img.generators.diffusion import ImageEdit
 from text2img.grid import captioned_grid
 from text2img.lightning import Text2ImgModule
-from text2img.train import user_error
+from text2img.train import one_line_errors
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def output_folder(cfg: DictConfig, mode: str) -> Path:
 
 def sample(cfg: DictConfig) -> Sampled:
     """Generate `n` images per prompt and write them, the grid and `samples.json`."""
-    try:
+    with one_line_errors():
         for option, example in REQUIRED.items():
             if OmegaConf.is_missing(cfg, option):
                 raise ConfigError(f"{option} is required, e.g. {option}={example}")
@@ -198,10 +198,6 @@ def sample(cfg: DictConfig) -> Sampled:
         ]
         rows, seeds = torch.tensor([i for i, _, _ in entries]), [s for _, _, s in entries]
         images = generate_all(model, text[rows], seeds, cfg, edit)
-    except Exception as exc:
-        if (error := user_error(exc)) is not None:
-            raise error from exc
-        raise
     mode = "txt2img" if edit is None else "img2img" if edit.mask is None else "inpaint"
     folder = output_folder(cfg, mode)
     folder.mkdir(parents=True, exist_ok=True)

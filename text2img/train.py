@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import hydra
@@ -78,6 +80,17 @@ def user_error(exc: BaseException, errors: tuple[type[Exception], ...] = USER_ER
     return SystemExit(f"text2img: error: {message_of(cause)}") if isinstance(cause, errors) else None
 
 
+@contextmanager
+def one_line_errors(errors: tuple[type[Exception], ...] = USER_ERRORS) -> Iterator[None]:
+    """Inside, the user's mistakes (`errors`) end the program with one line; anything else keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if (error := user_error(exc, errors)) is not None:
+            raise error from exc
+        raise
+
+
 def trainer_clip_value(model: L.LightningModule, configured: float | None) -> float | None:
     """The Trainer's gradient_clip_val: Lightning refuses one with manual optimisation (model=gan), whose
     module clips with the configured value itself."""
@@ -142,26 +155,19 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _fit_and_test(cfg: DictConfig) -> float | None:
-    try:
+    with one_line_errors():
         check_config(cfg)  # every value the user can type, before the first stage, the data or a model is built
         L.seed_everything(cfg.seed, workers=True)
         run = build(cfg)
-    except Exception as exc:
-        if (error := user_error(exc)) is not None:
-            raise error from exc
-        raise
     for logger in run.trainer.loggers:
         logger.log_hyperparams(run.model.run_config)
-    try:  # data are read as the fit and the test run: a bad sample or shard (DataError) surfaces only there
+    # data are read as the fit and the test run: a bad sample or shard (DataError) surfaces only there
+    with one_line_errors(RUN_ERRORS):
         run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
         # read before testing: `trainer.test` replaces the callback metrics
         value = run.trainer.callback_metrics.get(cfg.optimized_metric)
         if cfg.get("test"):
             run.trainer.test(run.model, datamodule=run.datamodule)
-    except Exception as exc:
-        if (error := user_error(exc, RUN_ERRORS)) is not None:
-            raise error from exc
-        raise
     if run.trainer.is_global_zero:
         _report(run, cfg)
     return None if value is None else float(value)
