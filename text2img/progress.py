@@ -89,7 +89,7 @@ class Progress:
         self.quiet = (rank_zero_only.rank if rank is None else rank) != 0
         self.clock = clock
         self.start = self.last_line = clock()
-        self.detail = ""
+        self.detail: str | Callable[[], str] = ""
         self._bar: RichProgress | None = None
         self._restore_handlers: Callable[[], None] | None = None
 
@@ -118,12 +118,16 @@ class Progress:
         parts.append(rate_text(self.rate, self.unit))
         if self.total is not None and self.rate > 0:
             parts.append(f"{duration(max(self.total - self.done, 0) / self.rate)} left")
-        if self.detail:
-            parts.append(self.detail)
+        if detail := self.detail_text():
+            parts.append(detail)
         return ", ".join(parts)
 
-    def advance(self, count: int = 1, detail: str | None = None) -> None:
-        """`count` more units done; `detail` (e.g. the current loss) is shown after the time left."""
+    def detail_text(self) -> str:
+        return self.detail() if callable(self.detail) else self.detail
+
+    def advance(self, count: int = 1, detail: str | Callable[[], str] | None = None) -> None:
+        """`count` more units done; `detail` (e.g. the current loss) is shown after the time left. A callable is
+        called only when a line or the bar shows it: reading a value off a GPU every step would stall it."""
         self.done += count
         if detail is not None:
             self.detail = detail
@@ -148,7 +152,7 @@ class Progress:
             self._restore_handlers = None
         if finished and not self.quiet:
             count = f"{self.done:,}" if self.done == self.total or self.total is None else f"{self.done:,}/{self.total:,}"
-            tail = f"; {self.detail}" if self.detail else ""
+            tail = f"; {detail}" if (detail := self.detail_text()) else ""
             log.info(
                 "%s done: %s %s in %s (%s)%s",
                 self.what, count, self.unit, duration(self.elapsed), rate_text(self.rate, self.unit), tail,

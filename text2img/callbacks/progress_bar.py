@@ -51,7 +51,8 @@ class LoggedProgressBar(ProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if self.training is not None:  # optimizer steps: with accumulated batches, not every batch is one
-            self.training.advance(trainer.global_step - self.training.done, self._metrics(trainer, pl_module))
+            # the metrics only when a line is written: reading them brings values back from the device
+            self.training.advance(trainer.global_step - self.training.done, lambda: self._metrics(trainer, pl_module))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.training is not None:
