@@ -4,8 +4,8 @@ expanded), that text's cached embedding (and, for latent backends, their cached 
 from __future__ import annotations
 
 import itertools
-import math
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any

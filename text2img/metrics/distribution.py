@@ -101,6 +101,7 @@ class ImageDistribution(EvalMetric):
         self.reference: dict[str, Tensor] | None = None
         self.real_count = 0
         self._warned_small = False
+        self._warned_skipped = False
 
     def prepare(self, context: EvalContext) -> None:
         self.set_reference(context.features.features(context.source, context.split, self.extractor, context.device))
@@ -139,8 +140,8 @@ class ImageDistribution(EvalMetric):
             raise RuntimeError("ImageDistribution.prepare (or set_reference) must run before compute")
         figures = {}
         if self.count < 2 or not self.reference:
-            if not self._warned_small:
-                self._warned_small = True
+            if not self._warned_skipped:
+                self._warned_skipped = True
                 log.warning(
                     "fid_%s and kid_%s are skipped: they need at least 2 real and 2 generated images, got %d and %d",
                     self.tag, self.tag, self.real_count, int(self.count),
