@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def no_wandb_run_outlives_its_test() -> Iterator[None]:
     """A W&B run left open would receive the next test's logs (WandbLogger adopts a running wandb.run)."""
     yield
-    from text2img.tracking import finish_wandb_run
+    from text2img.lightning.tracking import finish_wandb_run
 
     finish_wandb_run()
 

@@ -1,4 +1,4 @@
-"""Reading sweeps back (text2img.analysis): CSV and W&B logs give the same history, the table shows only what
+"""Reading sweeps back (text2img.inspect.analysis): CSV and W&B logs give the same history, the table shows only what
 differs between jobs, and bad folders get one-line errors."""
 
 import os
@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from text2img.analysis import load_run, load_sweep, newest, run_labels, sweep_table, varying_config, wandb_records
+from text2img.inspect.analysis import load_run, load_sweep, newest, run_labels, sweep_table, varying_config, wandb_records
 from text2img.errors import ConfigError
 
 # What Lightning's loggers write for two steps: the learning rate, the loss, and a validation at step 1.

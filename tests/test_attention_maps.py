@@ -1,4 +1,4 @@
-"""Per-token cross-attention maps (text2img.attention_maps): one map per token, a distribution over tokens at
+"""Per-token cross-attention maps (text2img.inspect.attention_maps): one map per token, a distribution over tokens at
 every pixel, the generated image unchanged by recording, the layers restored, and backends without
 cross-attention refused with one line."""
 
@@ -7,7 +7,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from conftest import compose_train, smoke_overrides
-from text2img.attention_maps import (
+from text2img.inspect.attention_maps import (
     AttentionSum,
     RecordingAttnProcessor,
     cross_attention_maps,
@@ -15,7 +15,7 @@ from text2img.attention_maps import (
     recording_cross_attention,
 )
 from text2img.errors import ConfigError
-from text2img.train import build_model
+from text2img.run.compose import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import compose_train, smoke_overrides, write_imagefolder
 from text2img.data import ImageFolderSource, WebDatasetSource
-from text2img.metrics.lit import shuffled_prompts
+from text2img.networks.lit import shuffled_prompts
 from text2img.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

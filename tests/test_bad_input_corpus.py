@@ -225,7 +225,7 @@ def test_strict_refuses_a_training_sample_in_one_line(tmp_path, entry_point, wor
 
 
 def test_an_optimized_metric_no_chosen_metric_computes_is_one_line(tmp_path):
-    from text2img.config_checks import check_config
+    from text2img.run.config_checks import check_config
     from text2img.errors import ConfigError
 
     cfg = compose_train(tmp_path, ["debug=smoke", "optimized_metric=val/r_precision", "optimized_mode=max"])

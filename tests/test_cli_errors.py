@@ -1,5 +1,5 @@
 """Every invalid value a user can type into `text2img.train` is one line naming the key as typed and the fix,
-reported before anything heavy starts (text2img.config_checks); `encoder=hf` reads its sizes from the model."""
+reported before anything heavy starts (text2img.run.config_checks); `encoder=hf` reads its sizes from the model."""
 
 from pathlib import Path
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import compose_train, smoke_overrides
-from text2img.config_checks import check_config
+from text2img.run.config_checks import check_config
 from text2img.errors import root_cause
-from text2img.train import USER_ERRORS, build
+from text2img.run.compose import USER_ERRORS, build
 
 
 def config_error(tmp_path: Path, overrides: list[str]) -> str:

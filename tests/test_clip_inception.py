@@ -22,7 +22,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from conftest import write_imagefolder
 from text2img.errors import ConfigError
-from text2img.metrics import EfficientNetLite0Features, InceptionFeatures, LocalCLIPScore
+from text2img.metrics import InceptionFeatures, LocalCLIPScore
+from text2img.networks import EfficientNetLite0Features
 
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 

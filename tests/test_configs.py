@@ -12,8 +12,8 @@ from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.lightning import Text2ImgModule
 from text2img.metrics import EvalMetric
-from text2img.fusion import build_fusion
-from text2img.train import build_model
+from text2img.generators import build_fusion
+from text2img.run.compose import build_model
 
 GROUPS = [
     "encoder", "peft", "prompt_expansion", "fusion", "generator", "generator_peft", "model", "data", "trainer",

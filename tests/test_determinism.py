@@ -15,11 +15,12 @@ import pytest
 import torch
 from conftest import compose_train, smoke_overrides, write_imagefolder
 
-from text2img.checkpoint import load_model
+from text2img.run.compose import load_model
 from text2img.export import write_export
 from text2img.pipeline import Text2ImgPipeline
 from text2img.sample import sample
-from text2img.train import build_model, train
+from text2img.run.compose import build_model
+from text2img.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,13 +17,13 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 from conftest import REPO_ROOT, compose_train, smoke_overrides
 from text2img.callbacks.effective_batch import EffectiveBatch
-from text2img.distributed import BlockWrapPolicy, _params_outside
+from text2img.lightning.distributed import BlockWrapPolicy, _params_outside
 from text2img.encoders import TinyEncoder
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.diffusion import DiffusionGenerator
-from text2img.precision import weights_dtype
-from text2img.train import build_model
+from text2img.utils.precision import weights_dtype
+from text2img.run.compose import build_model
 from text2img.types import TextEmbedding
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import eval_batch
 from text2img.metrics import SampleDiversity
-from text2img.metrics.frozen import ImageFeatureExtractor
+from text2img.networks.frozen import ImageFeatureExtractor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

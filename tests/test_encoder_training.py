@@ -117,9 +117,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 def test_lora_run_saves_adapters_not_the_base_and_resumes_at_the_saved_step(tmp_path, imagefolder) -> None:
     from conftest import compose_train, smoke_overrides
     from test_train import FirstStep
-    from text2img.checkpoint import load_model
-    from text2img.lora import has_lora
-    from text2img.train import build, train
+    from text2img.run.compose import load_model
+    from text2img.utils.lora import has_lora
+    from text2img.run.compose import build
+    from text2img.train import train
 
     lora = smoke_overrides(imagefolder, "peft=lora", "test=false")
     first = compose_train(tmp_path / "a", [*lora, "trainer.max_steps=3"])
@@ -145,7 +146,7 @@ def test_lora_run_saves_adapters_not_the_base_and_resumes_at_the_saved_step(tmp_
 def test_a_bert_encoder_trains_with_lora_under_ema(tmp_path, imagefolder) -> None:
     """MiniLM (BERT) carries int64 buffers (position and token-type ids) that the EMA must copy, not lerp."""
     from conftest import compose_train, smoke_overrides
-    from text2img.train import build
+    from text2img.run.compose import build
 
     cfg = compose_train(tmp_path, smoke_overrides(imagefolder, "encoder=minilm", "peft=lora", "trainer.max_steps=3"))
     run = build(cfg)
@@ -157,8 +158,9 @@ def test_a_bert_encoder_trains_with_lora_under_ema(tmp_path, imagefolder) -> Non
 
 def test_generator_lora_starts_from_a_checkpoint_and_writes_adapter_files(tmp_path, imagefolder) -> None:
     from conftest import compose_train, smoke_overrides
-    from text2img.lora import load_adapters
-    from text2img.train import build, train
+    from text2img.utils.lora import load_adapters
+    from text2img.run.compose import build
+    from text2img.train import train
 
     train(compose_train(tmp_path / "base", smoke_overrides(imagefolder, "test=false", "trainer.max_steps=3")))
     base = tmp_path / "base" / "checkpoints" / "last.ckpt"
@@ -183,7 +185,8 @@ def test_generator_lora_starts_from_a_checkpoint_and_writes_adapter_files(tmp_pa
 
 def test_init_from_a_checkpoint_of_another_model_is_one_line(tmp_path, imagefolder) -> None:
     from conftest import compose_train, smoke_overrides
-    from text2img.train import build, train
+    from text2img.run.compose import build
+    from text2img.train import train
 
     train(compose_train(tmp_path / "base", smoke_overrides(imagefolder, "test=false", "trainer.max_steps=3")))
     base = tmp_path / "base" / "checkpoints" / "last.ckpt"

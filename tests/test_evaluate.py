@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, compose_train, eval_batch, smoke_overrides, write_imagefolder
 
-from text2img.cli import unknown_choice
+from text2img.run.command_line import unknown_choice
 from text2img.evaluate import evaluate, format_table
 from text2img.metrics import ReconstructionQuality
 from text2img.train import train

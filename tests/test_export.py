@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
 from hydra.utils import get_class
 from safetensors.torch import load_file
 
-from text2img.checkpoint import load_model
+from text2img.run.compose import load_model
 from text2img.encoders import HFTextEncoder, TinyEncoder
 from text2img.errors import ConfigError
 from text2img.export import export, export_fusion, write_export
@@ -26,7 +26,8 @@ from text2img.generators.first_stage import FirstStage
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgModule
 from text2img.pipeline import FUSION_FILE, LOADER_FILE, SETTINGS_FILE, Text2ImgPipeline
-from text2img.train import build_model, train
+from text2img.run.compose import build_model
+from text2img.train import train
 from text2img.types import Conditioning, TextEmbedding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

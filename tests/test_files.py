@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from text2img.files import build_once
+from text2img.utils.files import build_once
 
 
 def test_builds_once_and_later_calls_find_it(tmp_path: Path) -> None:

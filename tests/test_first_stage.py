@@ -8,7 +8,7 @@ import torch
 from conftest import compose_train, smoke_overrides, write_imagefolder
 from diffusers import AutoencoderKL, UNet2DModel
 
-from text2img.checkpoint import load_model
+from text2img.run.compose import load_model
 from text2img.errors import ConfigError
 from text2img.generators.first_stage import FirstStage, load_first_stage
 from text2img.train import train

@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from conftest import compose_train, smoke_overrides
 from text2img.errors import ConfigError
 from text2img.export import export_fusion
-from text2img.fusion import FiLMHead, FusionHead, PerceiverResampler, PooledMLP, TimestepAwarePerceiver, build_fusion
-from text2img.generators import DiffusionGenerator, GANGenerator, Generator
+from text2img.fusion import FiLMHead, FusionHead, PerceiverResampler, PooledMLP, TimestepAwarePerceiver
+from text2img.generators import DiffusionGenerator, GANGenerator, Generator, build_fusion
 from text2img.train import train
 from text2img.types import Conditioning, TextEmbedding
 

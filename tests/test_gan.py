@@ -13,8 +13,9 @@ from text2img.errors import ConfigError
 from text2img.fusion import TokenProjection
 from text2img.generators import GANGenerator
 from text2img.lightning.adversarial import LiTAlignmentLoss
-from text2img.metrics import EfficientNetLite0Features, LiTConfig, LiTEvaluator
-from text2img.train import build, train
+from text2img.networks import EfficientNetLite0Features, LiTConfig, LiTEvaluator
+from text2img.run.compose import build
+from text2img.train import train
 from text2img.types import TextEmbedding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from text2img.grid import GAP, captioned_grid
+from text2img.utils.grid import GAP, captioned_grid
 
 
 def test_grid_layout_matches_columns_and_rows() -> None:

@@ -11,11 +11,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from conftest import compose_train, smoke_overrides, write_tiny_autoencoder
-from text2img.first_stage_run import config_digest, ensure_first_stage
+from text2img.run.first_stage_run import config_digest, ensure_first_stage
 from text2img.generators import LatentDiffusionGenerator
 from text2img.generators.first_stage import load_first_stage
 from text2img.generators.latent_cache import LatentCache
-from text2img.train import build, build_model, train
+from text2img.run.compose import build, build_model
+from text2img.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -263,7 +264,7 @@ def test_the_first_stage_digest_follows_the_config_not_the_paths():
 @pytest.mark.slow
 def test_an_ldm_run_trains_its_first_stage_once(tmp_path, imagefolder, caplog):
     overrides = ldm_overrides(imagefolder, "null", "generator.cache_latents=true", "trainer.max_steps=2", "test=false")
-    caplog.set_level(logging.INFO, logger="text2img.first_stage_run")
+    caplog.set_level(logging.INFO, logger="text2img.run.first_stage_run")
     train(with_first_stage_run(compose_train(tmp_path / "a", overrides), imagefolder, tmp_path / "first_stages"))
     (checkpoint,) = (tmp_path / "first_stages").glob("*/checkpoints/last.ckpt")
     stamp = checkpoint.stat().st_mtime_ns

@@ -20,9 +20,9 @@ from text2img.data import ImageFolderSource, OpenMojiSource
 from text2img.encoders import EmbeddingCache
 from text2img.encoders.minilm import MiniLMEncoder
 from text2img.encoders.smollm2 import SmolLM2Encoder
-from text2img.metrics import EfficientNetLite0Features, lit
-from text2img.metrics.features import RealFeatureCache
-from text2img.metrics.lit import (
+from text2img.networks import EfficientNetLite0Features, lit
+from text2img.networks.features import RealFeatureCache
+from text2img.networks.lit import (
     LiTConfig,
     LiTEvaluator,
     clip_score,

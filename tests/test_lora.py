@@ -23,7 +23,7 @@ from text2img.encoders import HFTextEncoder
 from text2img.errors import ConfigError
 from text2img.export import write_export
 from text2img.generators import GANGenerator, VAEGenerator
-from text2img.lora import (
+from text2img.utils.lora import (
     LoraSettings,
     add_lora,
     default_targets,
@@ -37,7 +37,7 @@ from text2img.lora import (
     save_adapters,
 )
 from text2img.pipeline import SETTINGS_FILE, Text2ImgPipeline
-from text2img.train import build, build_model
+from text2img.run.compose import build, build_model
 from text2img.types import Conditioning
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,7 +16,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from conftest import eval_batch
 
-from text2img.metrics import EfficientNetLite0Features, ImageDistribution
+from text2img.metrics import ImageDistribution
+from text2img.networks import EfficientNetLite0Features
 
 N = 32  # images per FID set: below the 1280 feature dims on purpose (singular covariances must work)
 

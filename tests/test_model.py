@@ -8,7 +8,8 @@ from functools import partial
 
 from text2img.callbacks.ema import warmup_ema_
 from text2img.errors import ConfigError
-from text2img.fusion import TokenProjection, check_compatible
+from text2img.fusion import TokenProjection
+from text2img.generators import check_compatible
 from text2img.generators import DiffusionGenerator
 from text2img.lightning import Text2ImgModule
 from text2img.types import TextEmbedding

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, compose_train, smoke_overrides
-from text2img.train import build, train
+from text2img.run.compose import build
+from text2img.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO_ROOT, smoke_overrides, write_imagefolder
-from text2img.analysis import load_sweep
+from text2img.inspect.analysis import load_sweep
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))

@@ -14,8 +14,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from text2img.callbacks import LoggedProgressBar, progress_bar
 from text2img.encoders import EmbeddingCache, TinyEncoder
 from text2img.encoders import cache as cache_module
-from text2img.first_stage_run import run_relayed
-from text2img.progress import Progress
+from text2img.run.first_stage_run import run_relayed
+from text2img.utils.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,7 +39,7 @@ def clock() -> FakeClock:
 
 
 def progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "text2img.progress"]
+    return [record.getMessage() for record in caplog.records if record.name == "text2img.utils.progress"]
 
 
 def captions_progress(clock: FakeClock, **options) -> Progress:
@@ -179,12 +179,12 @@ def test_a_nested_run_is_relayed_line_by_line_with_its_levels(tmp_path, caplog):
     child = tmp_path / "child.py"
     child.write_text(
         "import sys\n"
-        "print('[2026-01-01 10:00:00,000][text2img.progress][INFO] - training: 1/2 (50%)')\n"
+        "print('[2026-01-01 10:00:00,000][text2img.utils.progress][INFO] - training: 1/2 (50%)')\n"
         "print('[2026-01-01 10:00:01,000][text2img.data][WARNING] - careful')\n"
         "sys.stderr.write('bar 10%\\rbar 100%\\n')\n"
         "sys.exit(3)\n"
     )
-    caplog.set_level(logging.INFO, logger="text2img.first_stage_run")
+    caplog.set_level(logging.INFO, logger="text2img.run.first_stage_run")
     assert run_relayed([sys.executable, str(child)], prefix="first stage |") == 3
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "first stage | training: 1/2 (50%)"),

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO_ROOT, compose_train, smoke_overrides, write_imagefolder
 from text2img.callbacks.last_checkpoint import SIGTERM_EXIT_CODE
-from text2img.checkpoint_io import AtomicCheckpointIO
+from text2img.lightning.checkpoint_io import AtomicCheckpointIO
 from text2img.train import train
 
 STEPS = 8  # 4 training batches per epoch: checkpoints (every 2 steps) fall mid-epoch and at epoch ends
@@ -170,7 +170,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 KILLED_MID_SAVE = """
 import os, signal, sys, torch
-from text2img.checkpoint_io import AtomicCheckpointIO
+from text2img.lightning.checkpoint_io import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, sys.argv[1])
 def killed_while_writing(obj, file):

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from conftest import compose_train, smoke_overrides, write_imagefolder
 from text2img.data.imagefolder import load_rgb_square
-from text2img.grid import captioned_grid
+from text2img.utils.grid import captioned_grid
 from text2img.sample import Sampled, image_name, image_seed, sample, slug
 from text2img.train import train
 

@@ -44,7 +44,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> ShapesSource:
 
 @pytest.fixture(scope="module")
 def checker(shapes: ShapesSource) -> ShapesAttributeChecker:
-    return shapes.attribute_checker
+    return ShapesAttributeChecker(shapes.image_size)
 
 
 def as_unit(images: np.ndarray) -> Tensor:
@@ -271,7 +271,7 @@ def test_checker_is_exact_on_held_out_renders(shapes: ShapesSource, checker: Sha
 
 def test_checker_is_exact_at_other_sizes(tmp_path: Path) -> None:
     source = ShapesSource(cache_dir=tmp_path, image_size=48, images_per_composition=1)
-    scores = source.attribute_checker.score(as_unit(source.images), source.captions)
+    scores = ShapesAttributeChecker(source.image_size).score(as_unit(source.images), source.captions)
     assert accuracy(scores) == dict.fromkeys(ATTRIBUTES, 1.0)
 
 

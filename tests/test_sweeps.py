@@ -15,7 +15,7 @@ from omegaconf import open_dict
 
 from conftest import CONF_DIR, REPO_ROOT, smoke_overrides
 from text2img.errors import ConfigError
-from text2img.sweeps import DDP_ENVIRONMENT, JobResult, SweepJob, finished_result, ranks_stay_in_job, write_result
+from text2img.run.sweeps import DDP_ENVIRONMENT, JobResult, SweepJob, finished_result, ranks_stay_in_job, write_result
 
 
 def run_sweep(*args: str) -> subprocess.CompletedProcess:

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf, open_dict, read_write
 from PIL import Image
 
 from conftest import compose_train, smoke_overrides
-from text2img.analysis import wandb_records
-from text2img.tracking import (
+from text2img.inspect.analysis import wandb_records
+from text2img.lightning.tracking import (
     MAX_TAG_LENGTH,
     RunNaming,
     SampleGrid,
@@ -99,7 +99,7 @@ def test_without_credentials_the_run_is_offline_and_the_notice_names_its_folder(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     cfg = compose_train(tmp_path, ["logger=wandb"])
-    with caplog.at_level("WARNING", logger="text2img.tracking"):
+    with caplog.at_level("WARNING", logger="text2img.lightning.tracking"):
         logger = instantiate(cfg.logger.wandb)
     logger.experiment.log({"x": 1})
     (pattern,) = re.findall(r"`wandb sync (\S+)`", caplog.text)
@@ -193,7 +193,7 @@ def test_csv_logger_takes_the_config_and_no_images(tmp_path):
 def test_a_resumed_runs_csv_log_keeps_the_rows_before_the_interruption(tmp_path):
     import csv
 
-    from text2img.tracking import ResumableCSVLogger
+    from text2img.lightning.tracking import ResumableCSVLogger
 
     for steps in (range(0, 4), range(3, 6)):  # interrupted after step 3, resumed from the checkpoint of step 2
         logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, compose_train, smoke_overrides
-from text2img.cli import unknown_choice
-from text2img.train import build, train
+from text2img.run.command_line import unknown_choice
+from text2img.run.compose import build
+from text2img.train import train
 
 
 def test_fast_dev_run_with_tiny_encoder(tmp_path, imagefolder):

@@ -9,7 +9,8 @@ from conftest import compose_train, smoke_overrides
 from diffusers import AutoencoderKL
 
 from text2img.errors import ConfigError
-from text2img.fusion import TokenProjection, check_compatible
+from text2img.fusion import TokenProjection
+from text2img.generators import check_compatible
 from text2img.generators import VAEGenerator
 from text2img.generators.vae import EffNetPerceptualLoss
 from text2img.lightning import Text2ImgModule

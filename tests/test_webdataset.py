@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, compose_train
 from text2img.data import WebDatasetSource
 from text2img.errors import ConfigError
 from text2img.lightning import WebDataModule
-from text2img.train import build
+from text2img.run.compose import build
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from text2img.resolvers import register_resolvers
+from text2img.run.resolvers import register_resolvers
 
 register_resolvers()  # ${weights_dtype:...}, ${launch_dir:} in configs

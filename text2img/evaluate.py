@@ -20,11 +20,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from text2img.callbacks.evaluation import Evaluation
-from text2img.cli import CONF_DIR, run_checked
-from text2img.checkpoint import load_model, run_folder
-from text2img.config_checks import GUIDANCE, NULL, SIZE, check_rules, integer, one_of
+from text2img.run.command_line import run_checked
+from text2img.utils.paths import CONF_DIR
+from text2img.utils.checkpoints import run_folder
+from text2img.run.compose import load_model
+from text2img.run.config_checks import GUIDANCE, NULL, SIZE, check_rules, integer, one_of
 from text2img.errors import ConfigError
-from text2img.train import RUN_ERRORS, one_line_errors
+from text2img.run.compose import RUN_ERRORS, one_line_errors
 
 log = logging.getLogger(__name__)
 

@@ -29,18 +29,20 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from text2img import pipeline
-from text2img.checkpoint import load_checkpoint, load_model
-from text2img.cli import CONF_DIR, run_checked
-from text2img.config_checks import FLAG, check_rules
+from text2img.utils.checkpoints import load_checkpoint
+from text2img.run.compose import load_model
+from text2img.run.command_line import run_checked
+from text2img.utils.paths import CONF_DIR
+from text2img.run.config_checks import FLAG, check_rules
 from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
-from text2img.files import atomic_path
+from text2img.utils.files import atomic_path
 from text2img.fusion.base import FusionHead
 from text2img.generators.diffusion import DiffusionGenerator
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgModule
-from text2img.lora import merged_copy
-from text2img.train import one_line_errors
+from text2img.utils.lora import merged_copy
+from text2img.run.compose import one_line_errors
 from text2img.types import TextEmbedding
 
 # The options' types (whether the output folder may be written is checked before the model is loaded)

@@ -33,16 +33,18 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from text2img.checkpoint import load_model, run_folder
-from text2img.cli import CONF_DIR, run_checked
-from text2img.config_checks import ANY_INTEGER, NULL, NUMBER, check_rules, integer
+from text2img.utils.checkpoints import run_folder
+from text2img.run.compose import load_model
+from text2img.run.command_line import run_checked
+from text2img.utils.paths import CONF_DIR
+from text2img.run.config_checks import ANY_INTEGER, NULL, NUMBER, check_rules, integer
 from text2img.data.base import uint8_to_tensor
 from text2img.data.imagefolder import load_rgb_square
 from text2img.errors import ConfigError
 from text2img.generators.diffusion import ImageEdit
-from text2img.grid import captioned_grid
+from text2img.utils.grid import captioned_grid
 from text2img.lightning import Text2ImgModule
-from text2img.train import one_line_errors
+from text2img.run.compose import one_line_errors
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)

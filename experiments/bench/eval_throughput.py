@@ -31,8 +31,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from text2img.metrics import EvalBatch, EvalContext, RealFeatureCache  # noqa: E402
-from text2img.train import build_model  # noqa: E402
+from text2img.metrics import EvalBatch, EvalContext  # noqa: E402
+from text2img.networks import RealFeatureCache  # noqa: E402
+from text2img.run.compose import build_model  # noqa: E402
 from text2img.types import EvalOutputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

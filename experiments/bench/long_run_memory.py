@@ -36,7 +36,7 @@ from omegaconf import open_dict  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import ROOT, StepTimer, compose_cfg  # noqa: E402
 
-from text2img.train import build  # noqa: E402
+from text2img.run.compose import build  # noqa: E402
 
 RUN = ["debug=smoke", "trainer.max_steps=1000", "trainer.val_check_interval=250", "logger=csv", "test=false"]
 

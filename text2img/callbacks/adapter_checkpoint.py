@@ -10,13 +10,13 @@ import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 
 from text2img.errors import ConfigError
-from text2img.files import atomic_path
-from text2img.lora import has_lora, save_adapters
+from text2img.utils.files import atomic_path
+from text2img.utils.lora import has_lora, save_adapters
 
 
 class AdapterCheckpoint(L.Callback):
     """Whenever a checkpoint is saved, writes the model's trainable parameters (LoRA weights, fusion head, null
-    embedding) to `<dirpath>/step=<global step>.safetensors` and `last.safetensors` (`text2img.lora.save_adapters`;
+    embedding) to `<dirpath>/step=<global step>.safetensors` and `last.safetensors` (`text2img.utils.lora.save_adapters`;
     restore with `load_adapters`). Does nothing for a model without LoRA, whose checkpoint is all trainable.
 
     The values are the checkpoint's `state_dict`: with the EMA callback (which runs first), the averaged

@@ -18,7 +18,7 @@ class BestCheckpoint(ModelCheckpoint):
     Metrics leave out figures they cannot compute on the data at hand (FID and KID under 2 images a side,
     R-precision with one distinct prompt): the run goes on, and only a validation that has the figure can
     become the best checkpoint. A `monitor` that the chosen metrics never compute is refused before training
-    (`text2img.config_checks`).
+    (`text2img.run.config_checks`).
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
-from text2img.metrics.features import RealFeatureCache
+from text2img.networks.features import RealFeatureCache
 from text2img.types import EvalOutputs
 
 # Trainer entry point -> the evaluation stages it runs.

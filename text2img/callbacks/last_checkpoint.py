@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from text2img.files import atomic_path
+from text2img.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class LastCheckpoint(ModelCheckpoint):
       the state at that step and the process exits with status 143, not 0. A SIGTERM during validation saves
       nothing: the model then holds the averaged weights, so the run resumes from the previous checkpoint.
 
-    The files themselves are written atomically by the trainer's `text2img.checkpoint_io.AtomicCheckpointIO`.
+    The files themselves are written atomically by the trainer's `text2img.lightning.checkpoint_io.AtomicCheckpointIO`.
     """
 
     def __init__(self, *args, **kwargs) -> None:

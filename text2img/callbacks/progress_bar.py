@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 
-from text2img.progress import Progress, terminal_shows_bars
+from text2img.utils.progress import Progress, terminal_shows_bars
 
 
 def progress_bar() -> ProgressBar:
@@ -18,7 +18,7 @@ def progress_bar() -> ProgressBar:
 
 
 class LoggedProgressBar(ProgressBar):
-    """Training, validation and test progress as `text2img.progress` lines: the count, rate and time left (and the
+    """Training, validation and test progress as `text2img.utils.progress` lines: the count, rate and time left (and the
     progress-bar metrics, e.g. the training loss) at most every `TEXT2IMG_PROGRESS_INTERVAL` seconds, and a last
     line when each ends. The training rate includes the pauses for validation, so its time left does too."""
 

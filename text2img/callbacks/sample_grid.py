@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from text2img.grid import captioned_grid
-from text2img.tracking import SampleGrid, log_samples
+from text2img.utils.grid import captioned_grid
+from text2img.lightning.tracking import SampleGrid, log_samples
 from text2img.types import EvalOutputs
 
 

@@ -29,10 +29,10 @@ import emoji
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from text2img.files import build_once
+from text2img.utils.files import build_once
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
 from text2img.data.captions import emoji_caption
-from text2img.progress import Progress
+from text2img.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 

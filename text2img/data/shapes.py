@@ -45,18 +45,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from text2img.data.augment import ImageAugment
-from text2img.files import build_once
+from text2img.utils.files import build_once
 from text2img.data.base import ArrayImageDataset, ImageCaptionSource, Transform
-from text2img.progress import Progress
-
-if TYPE_CHECKING:
-    from text2img.metrics.attributes import ShapesAttributeChecker
+from text2img.utils.progress import Progress
 
 
 # Bump when drawing, layout or caption rules change: the cache file name includes it.
@@ -437,14 +433,6 @@ class ShapesSource(ImageCaptionSource):
             else:
                 indices["val" if _is_val(composition) else "test"].append(i)
         return indices
-
-    @property
-    def attribute_checker(self) -> ShapesAttributeChecker:
-        """A checker that scores generated images of this source's size against its prompts."""
-        # Imported here: text2img.metrics pulls in the image networks, which data loading does not need.
-        from text2img.metrics.attributes import ShapesAttributeChecker
-
-        return ShapesAttributeChecker(self.image_size)
 
     def _subset(self, indices: list[int], transform: Transform | None) -> ArrayImageDataset:
         return ArrayImageDataset(self.images[indices], [self._captions[i] for i in indices], transform)

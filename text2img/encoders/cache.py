@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from text2img.encoders.base import TextEncoder
-from text2img.progress import Progress
+from text2img.utils.progress import Progress
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrain
 
 from text2img.encoders.base import TextEncoder
 from text2img.errors import ConfigError
-from text2img.lora import LoraSettings, add_lora
-from text2img.precision import WEIGHT_DTYPES
+from text2img.utils.lora import LoraSettings, add_lora
+from text2img.utils.precision import WEIGHT_DTYPES
 # The encoding core lives in the standalone loader that exports ship, so exported models encode identically.
 from text2img.pipeline import encode_tokens, load_text_model, prepare_text_model, tokenize
 from text2img.types import TextEmbedding

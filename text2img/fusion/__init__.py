@@ -1,5 +1,4 @@
 from text2img.fusion.base import FusionHead
-from text2img.fusion.build import build_fusion, check_compatible
 from text2img.fusion.film import FiLMHead
 from text2img.fusion.perceiver import PerceiverResampler
 from text2img.fusion.pooled_mlp import PooledMLP
@@ -13,6 +12,4 @@ __all__ = [
     "PooledMLP",
     "TimestepAwarePerceiver",
     "TokenProjection",
-    "build_fusion",
-    "check_compatible",
 ]

@@ -17,7 +17,7 @@ class FiLMHead(PooledMLP):
 
     The per-layer maps start at zero and the scale is 1 + their first half, so at step 0 every layer gets
     scale 1 and shift 0: the generator starts unmodulated. `film_channels` (the generator's C_i, in order) is
-    filled from the generator when the model is built (`text2img.fusion.build_fusion`).
+    filled from the generator when the model is built (`text2img.generators.build_fusion`).
     """
 
     produces = frozenset({"film"})
@@ -36,7 +36,7 @@ class FiLMHead(PooledMLP):
         super().__init__(in_dim, out_dim, pooling, hidden_dim, norm, dropout)
         if not film_channels:
             raise ConfigError(
-                "fusion.film_channels is not set; build the head with text2img.fusion.build_fusion, which takes "
+                "fusion.film_channels is not set; build the head with text2img.generators.build_fusion, which takes "
                 "them from the generator (or give the generator's FiLM channel list)"
             )
         self.film_channels = tuple(film_channels)

@@ -8,13 +8,16 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from text2img.cli import CONF_DIR
+from text2img.utils.paths import CONF_DIR
 from text2img.errors import ConfigError
-from text2img.metrics.frozen import FrozenNetwork
-from text2img.precision import WEIGHT_DTYPES
+from text2img.generators.vae import VAEGenerator
+from text2img.networks.frozen import FrozenNetwork
+from text2img.utils.checkpoints import load_checkpoint
+from text2img.utils.precision import WEIGHT_DTYPES
 
 
 
@@ -90,12 +93,6 @@ def _generator_option(target: str) -> str:
 
 
 def _autoencoder_of_checkpoint(path: str) -> AutoencoderKL:
-    # Imported here: the checkpoint loader rebuilds whole runs, so it imports the generators package.
-    from hydra.utils import get_class, instantiate
-
-    from text2img.checkpoint import load_checkpoint
-    from text2img.generators.vae import VAEGenerator
-
     checkpoint = load_checkpoint(path)
     generator = checkpoint["text2img_config"]["generator"]
     target = str(generator.get("_target_"))

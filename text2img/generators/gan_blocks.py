@@ -28,7 +28,7 @@ class FiLM(nn.Module):
     instead; a layer that always takes it drops its MLP (`drop_predictor`).
     """
 
-    # What LoRA adapts by default (text2img.lora.default_targets): the MLP predicting scale and shift.
+    # What LoRA adapts by default (text2img.utils.lora.default_targets): the MLP predicting scale and shift.
     lora_targets = ("mlp.0", "mlp.2")
 
     def __init__(self, cond_dim: int, channels: int) -> None:

@@ -13,9 +13,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from text2img.data.base import ImageCaptionSource
-from text2img.files import build_once
+from text2img.utils.files import build_once
 from text2img.generators.first_stage import FirstStage
-from text2img.progress import Progress
+from text2img.utils.progress import Progress
 
 LATENT_CACHE_VERSION = 1
 

@@ -94,7 +94,7 @@ class LatentDiffusionGenerator(DiffusionGenerator):
         if self.cache_latents and latents is None:
             raise RuntimeError(
                 "generator.cache_latents=true but the batch carries no cached latents; build the data module "
-                "with text2img.train.build_model, which connects it to the latent cache"
+                "with text2img.run.compose.build_model, which connects it to the latent cache"
             )
         return super().training_loss(images, text, fusion, latents)
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator, check_one_pass_sampling, per_sample_noise
-from text2img.metrics.effnet import EfficientNetLite0Features
+from text2img.networks.effnet import EfficientNetLite0Features
 from text2img.types import TextEmbedding
 
 
@@ -137,7 +137,7 @@ class VAEGenerator(Generator):
             # The text is unused: any head will do.
             self.requires = self.consumes = frozenset()
             return
-        # What LoRA adapts by default besides the autoencoder's attention (text2img.lora.default_targets).
+        # What LoRA adapts by default besides the autoencoder's attention (text2img.utils.lora.default_targets).
         self.lora_targets = ("text_to_map.0", "text_to_map.2", "text_to_prior.0", "text_to_prior.2")
         self.text_to_map = nn.Sequential(
             nn.Linear(cond_dim, cond_channels), nn.SiLU(), nn.Linear(cond_channels, cond_channels)

@@ -15,11 +15,11 @@ from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.gan import GANGenerator
 from text2img.lightning.module import Text2ImgModule
-from text2img.lora import LoraSettings
-from text2img.metrics.effnet import EfficientNetLite0Features
-from text2img.metrics.features import RealFeatureCache
-from text2img.metrics.frozen import ImageFeatureExtractor
-from text2img.metrics.lit import LiTConfig, LiTEvaluator, load_or_train_lit
+from text2img.utils.lora import LoraSettings
+from text2img.networks.effnet import EfficientNetLite0Features
+from text2img.networks.features import RealFeatureCache
+from text2img.networks.frozen import ImageFeatureExtractor
+from text2img.networks.lit import LiTConfig, LiTEvaluator, load_or_train_lit
 from text2img.types import Batch, TextEmbedding
 
 

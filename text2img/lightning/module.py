@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
 from text2img.lightning.nonfinite import NonFiniteLossPolicy
-from text2img.lora import LoraSettings, add_lora
+from text2img.utils.lora import LoraSettings, add_lora
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.diffusion import DiffusionGenerator, ImageEdit
 from text2img.pipeline import generate_in_chunks
 from text2img.types import Batch, EvalOutputs, TextEmbedding
+from text2img.utils.checkpoints import load_checkpoint
 
 
 class Text2ImgModule(L.LightningModule):
@@ -113,8 +114,6 @@ class Text2ImgModule(L.LightningModule):
 
     def load_initial_weights(self, path: str) -> None:
         """Fusion head, generator and null embedding from a text2img checkpoint (not its encoder's weights)."""
-        from text2img.checkpoint import load_checkpoint  # it imports this module
-
         weights = {k: v for k, v in load_checkpoint(path)["state_dict"].items() if not k.startswith("encoder.")}
         missing, unexpected = self.load_state_dict(weights, strict=False)
         missing = [key for key in missing if not key.startswith("encoder.")]

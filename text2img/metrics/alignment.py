@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
-from text2img.metrics.frozen import ImageFeatureExtractor
-from text2img.metrics.lit import LiTConfig, LiTEvaluator, clip_score, load_or_train_lit, r_precision_hits, real_alignment
+from text2img.networks.frozen import ImageFeatureExtractor
+from text2img.networks.lit import LiTConfig, LiTEvaluator, clip_score, load_or_train_lit, r_precision_hits, real_alignment
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
-from text2img.data.shapes import BACKGROUND, COLOURS, Composition, Geometry, parse_caption
+from text2img.data.shapes import BACKGROUND, COLOURS, Composition, Geometry, ShapesSource, parse_caption
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count", "overall")
 # Thresholds between the renders' exact values, nearer the side blur moves them to (it rounds every
@@ -205,7 +205,8 @@ class AttributeAccuracy(EvalMetric):
         self.real_accuracy: float | None = None
 
     def prepare(self, context: EvalContext) -> None:
-        self.checker = getattr(context.source, "attribute_checker", None)
+        source = context.source
+        self.checker = ShapesAttributeChecker(source.image_size) if isinstance(source, ShapesSource) else None
         if self.checker is not None:
             split = context.source.split(context.split, augmented=False)
             real = torch.stack([image for image, _ in split]).add(1).div(2)

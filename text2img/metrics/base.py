@@ -19,8 +19,8 @@ from torchmetrics import Metric
 from text2img.data.base import ImageCaptionSource
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache
-from text2img.metrics.features import RealFeatureCache, extractor_identity
-from text2img.metrics.frozen import ImageFeatureExtractor
+from text2img.networks.features import RealFeatureCache, extractor_identity
+from text2img.networks.frozen import ImageFeatureExtractor
 from text2img.types import EvalOutputs, TextEmbedding
 
 
@@ -64,7 +64,7 @@ class EvalMetric(Metric):
     # Figures are whole-set statistics; per-batch values are never wanted.
     full_state_update = False
     # Every figure `compute` can return, "{extractor}" standing for the image extractor's `feature_name`: what a
-    # config may name as `optimized_metric`, checked before anything is built (`text2img.config_checks`).
+    # config may name as `optimized_metric`, checked before anything is built (`text2img.run.config_checks`).
     FIGURES: tuple[str, ...] = ()
 
     def prepare(self, context: EvalContext) -> None:  # noqa: B027 - most metrics need no context

@@ -18,7 +18,7 @@ from torchmetrics.multimodal.clip_score import CLIPScore
 
 from text2img.errors import ConfigError
 from text2img.metrics.base import EvalBatch, EvalMetric
-from text2img.metrics.frozen import FrozenNetwork, check_images
+from text2img.networks.frozen import FrozenNetwork, check_images
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, CLIPProcessor

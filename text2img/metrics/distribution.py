@@ -21,7 +21,7 @@ from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
-from text2img.metrics.frozen import ImageFeatureExtractor
+from text2img.networks.frozen import ImageFeatureExtractor
 
 log = logging.getLogger(__name__)
 

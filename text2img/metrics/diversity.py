@@ -11,7 +11,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.metrics.distribution import key_priority
-from text2img.metrics.frozen import ImageFeatureExtractor
+from text2img.networks.frozen import ImageFeatureExtractor
 
 log = logging.getLogger(__name__)
 

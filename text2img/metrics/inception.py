@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from text2img.errors import ConfigError
-from text2img.metrics.frozen import ImageFeatureExtractor, check_images
+from text2img.networks.frozen import ImageFeatureExtractor, check_images
 
 _MISSING_DEPENDENCY = (
     "extractor=inception needs torch-fidelity with a working torchvision (pip install torch-fidelity) and "

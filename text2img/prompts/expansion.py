@@ -16,8 +16,8 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from text2img.files import atomic_path
-from text2img.progress import Progress
+from text2img.utils.files import atomic_path
+from text2img.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -51,10 +51,10 @@ from torch.nn import functional as F
 from text2img.data.base import ImageCaptionSource
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.cache import EmbeddingCache, cache_key
-from text2img.files import build_once
-from text2img.metrics.features import RealFeatureCache, extractor_identity
-from text2img.metrics.frozen import FrozenNetwork, ImageFeatureExtractor
-from text2img.progress import Progress
+from text2img.utils.files import build_once
+from text2img.networks.features import RealFeatureCache, extractor_identity
+from text2img.networks.frozen import FrozenNetwork, ImageFeatureExtractor
+from text2img.utils.progress import Progress
 from text2img.types import TextEmbedding, masked_mean
 
 log = logging.getLogger(__name__)

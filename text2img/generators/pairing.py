@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
-
-if TYPE_CHECKING:  # text2img.generators imports this package
-    from text2img.generators.base import Generator
+from text2img.generators.base import Generator
 
 
 def build_fusion(fusion_cfg: DictConfig, generator: Generator, fusion_name: str, generator_name: str) -> FusionHead:

@@ -7,9 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# An absolute path: Hydra reads a relative `config_path` as a Python package when the entry point is imported
-# (the `text2img-train` console script) rather than run with `python -m`, and finds no package `conf`.
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from text2img.utils.paths import CONF_DIR
 
 
 def unknown_choice(args: list[str], conf_dir: Path = CONF_DIR) -> str | None:

@@ -11,7 +11,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from text2img.files import atomic_path
+from text2img.utils.files import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

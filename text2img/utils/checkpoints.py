@@ -1,4 +1,4 @@
-"""Rebuilding a trained model from its checkpoint alone: evaluation, sampling and export start here."""
+"""Reading a text2img checkpoint file (no model is built here: see `text2img.run.compose.load_model`)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf, open_dict
 
 from text2img.errors import ConfigError
-from text2img.lightning import Text2ImgDataModule, Text2ImgModule
-from text2img.train import build_model
 
 
 def load_checkpoint(path: str, key: str = "ckpt") -> dict[str, Any]:
@@ -38,23 +35,3 @@ def run_folder(ckpt: str) -> Path:
     where evaluation reports, samples and exports of it go by default."""
     path = Path(ckpt).expanduser()
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def load_model(
-    path: str, data: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], Text2ImgDataModule, Text2ImgModule]:
-    """The checkpoint, and its run's data module and model with the saved (EMA) weights loaded.
-
-    The model is rebuilt from the run config stored in the checkpoint; `data` overrides entries of its
-    `data` config (e.g. which split to evaluate).
-    """
-    checkpoint = load_checkpoint(path)
-    run_cfg = OmegaConf.create(checkpoint["text2img_config"])
-    with open_dict(run_cfg):
-        for key, value in (data or {}).items():
-            run_cfg.data[key] = value
-        run_cfg.model.init_from = None  # the checkpoint holds every weight the run started from
-    datamodule, model = build_model(run_cfg)
-    model.on_load_checkpoint(checkpoint)  # as Lightning does: restores what the checkpoint leaves out
-    model.load_state_dict(checkpoint["state_dict"])
-    return checkpoint, datamodule, model

@@ -27,9 +27,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from text2img.cli import CONF_DIR
+from text2img.utils.paths import CONF_DIR
 from text2img.errors import ConfigError
-from text2img.files import build_once
+from text2img.utils.files import build_once
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """OmegaConf resolvers the configs use, registered once when `text2img` is imported.
 
-- `${weights_dtype:precision[,mode]}`: the dtype frozen or trainable weights load in (text2img.precision).
+- `${weights_dtype:precision[,mode]}`: the dtype frozen or trainable weights load in (text2img.utils.precision).
 - `${launch_dir:}`: the folder the command was started from. Hydra's `${hydra:runtime.cwd}` is the same folder
   but only resolves inside a running job: the sweeper resolves `hydra.sweep.dir` (which derives from
   `paths.root_dir`) before any job exists, and a multirun failed on it. Jobs never change directory
@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import Container, OmegaConf
 
-from text2img.precision import weights_dtype
+from text2img.utils.precision import weights_dtype
 
 
 def launch_dir() -> str:

@@ -171,7 +171,7 @@ class _AppendingCSVWriter(ExperimentWriter):
 class ResumableCSVLogger(CSVLogger):
     """Lightning's `CSVLogger`, except that a run resumed in its folder (`ckpt_path=last`) keeps the rows logged
     before the interruption: it appends to `metrics.csv` rather than replacing it. Steps logged again after
-    the resume appear twice, the later row last (`text2img.analysis` keeps that one)."""
+    the resume appear twice, the later row last (`text2img.inspect.analysis` keeps that one)."""
 
     @property
     @rank_zero_experiment

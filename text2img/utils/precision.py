@@ -1,6 +1,6 @@
 """The dtype each kind of weight is loaded in, derived from `trainer.precision` (the one place precision is set).
 
-Configs read it through the `weights_dtype` resolver (text2img.resolvers) (`oc.select`: a
+Configs read it through the `weights_dtype` resolver (text2img.run.resolvers) (`oc.select`: a
 config composed without a trainer means 32-true):
 
     dtype: ${weights_dtype:${oc.select:trainer.precision,32-true}}           # a frozen network (the first stage)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from text2img.errors import ConfigError
-from text2img.files import atomic_path
+from text2img.utils.files import atomic_path
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 

@@ -16,9 +16,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from text2img.data.base import ImageCaptionSource
-from text2img.files import build_once
-from text2img.metrics.frozen import ImageFeatureExtractor
-from text2img.progress import Progress
+from text2img.utils.files import build_once
+from text2img.networks.frozen import ImageFeatureExtractor
+from text2img.utils.progress import Progress
 
 
 def extractor_identity(extractor: ImageFeatureExtractor) -> str:

@@ -11,7 +11,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor
 from torch.nn import functional as F
 
-from text2img.metrics.frozen import ImageFeatureExtractor, check_images
+from text2img.networks.frozen import ImageFeatureExtractor, check_images
 
 
 class EfficientNetLite0Features(ImageFeatureExtractor):

@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from text2img.data.splits import check_fractions
 from text2img.encoders.hf import MODES, POOLINGS, HFTextEncoder, pretrained_config
 from text2img.errors import ConfigError
-from text2img.precision import WEIGHT_DTYPES
+from text2img.utils.checkpoints import load_checkpoint
+from text2img.utils.precision import WEIGHT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,6 @@ LIGHTNING_CHECKPOINTS = ("last", "best", "hpc", "registry")
 
 def _checkpoints(cfg: DictConfig, values: dict) -> None:
     """Checkpoint files exist, are whole and were written by text2img (read memory-mapped: cheap)."""
-    from text2img.checkpoint import load_checkpoint  # it imports text2img.train, which imports this module
-
     for key in ("ckpt_path", "model.init_from", "generator.first_stage.source"):
         found, path = _lookup(values, key)
         if not found or path is None or (key == "ckpt_path" and path in LIGHTNING_CHECKPOINTS):

@@ -25,7 +25,7 @@ from omegaconf import open_dict, read_write
 from torch import distributed as dist
 
 from text2img.errors import ConfigError
-from text2img.files import atomic_path
+from text2img.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 
