@@ -1,5 +1,6 @@
 """model.nonfinite_loss: a NaN or inf loss stops training naming the step and the losses, or skips the update
-(weights and optimiser state untouched, counted, every DDP process agreeing), for both LightningModules."""
+(weights and optimiser state untouched, counted, every DDP process agreeing), for both LightningModules; with the
+decision on the host (the CPU's default optimisers) and on the device (fused optimisers, the GPU's default)."""
 
 import dataclasses
 import subprocess
@@ -58,23 +59,33 @@ class WeightsAcrossBatches(L.Callback):
         return any(not torch.equal(a, b) for a, b in zip(self.before[batch], self.after[batch]))
 
 
+# host: read every step, gradients set to None; device: fused optimisers drop the update with `found_inf`
+DECIDED_ON = pytest.mark.parametrize("fused", [False, True], ids=["host", "device"])
+FUSED = ("model.optimizer.fused=true",)
+FUSED_GAN = ("model.optimizer.fused=true", "model.discriminator_optimizer.fused=true")
+
+
 def smoke_run(tmp_path, imagefolder, *overrides: str):
     cfg = compose_train(tmp_path, smoke_overrides(imagefolder, "test=false",
                                                   "trainer.val_check_interval=100", *overrides))
     return build(cfg)
 
 
-def test_nan_loss_stops_naming_the_step_and_the_loss(tmp_path, imagefolder, monkeypatch):
-    run = smoke_run(tmp_path, imagefolder)
+@DECIDED_ON
+def test_nan_loss_stops_naming_the_step_and_the_loss(tmp_path, imagefolder, monkeypatch, fused):
+    run = smoke_run(tmp_path, imagefolder, *(FUSED if fused else ()))
     poison_loss_at(monkeypatch, run.model, {3})
     with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 3 \(epoch 0, batch 3\): loss nan; lower "
                                                  r"model\.optimizer\.lr.*\(or set model\.nonfinite_loss=skip to skip such steps\)$"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert run.trainer.global_step == 3
+    assert run.model.nonfinite.on_device == fused
 
 
-def test_skip_leaves_the_weights_of_a_nan_step_and_counts_it(tmp_path, imagefolder, monkeypatch):
-    run = smoke_run(tmp_path, imagefolder, "model.nonfinite_loss=skip", "model.optimizer.weight_decay=0.1")
+@DECIDED_ON
+def test_skip_leaves_the_weights_of_a_nan_step_and_counts_it(tmp_path, imagefolder, monkeypatch, fused):
+    run = smoke_run(tmp_path, imagefolder, "model.nonfinite_loss=skip", "model.optimizer.weight_decay=0.1",
+                    *(FUSED if fused else ()))
     poison_loss_at(monkeypatch, run.model, {3})
     probe = WeightsAcrossBatches()
     run.trainer.callbacks.append(probe)
@@ -89,8 +100,10 @@ def test_skip_leaves_the_weights_of_a_nan_step_and_counts_it(tmp_path, imagefold
     assert float(run.trainer.callback_metrics["train/skipped_steps"]) == 1
 
 
-def test_skip_gives_up_after_too_many_skips_in_a_row(tmp_path, imagefolder, monkeypatch):
-    run = smoke_run(tmp_path, imagefolder, "model.nonfinite_loss=skip", "model.max_consecutive_skips=3")
+@DECIDED_ON
+def test_skip_gives_up_after_too_many_skips_in_a_row(tmp_path, imagefolder, monkeypatch, fused):
+    run = smoke_run(tmp_path, imagefolder, "model.nonfinite_loss=skip", "model.max_consecutive_skips=3",
+                    *(FUSED if fused else ()))
     poison_loss_at(monkeypatch, run.model, {1, 3, 4, 5})
     with pytest.raises(FloatingPointError, match=r"gave up after 3 skipped steps in a row .*the last a non-finite "
                                                  r"loss at step 5 \(epoch 1, batch 1\): loss nan"):
@@ -98,9 +111,30 @@ def test_skip_gives_up_after_too_many_skips_in_a_row(tmp_path, imagefolder, monk
     assert run.model.nonfinite.skipped_steps == 4  # the isolated skip at step 1 did not count towards the limit
 
 
-def test_unknown_policy_is_a_one_line_error(tmp_path, imagefolder):
-    with pytest.raises(SystemExit, match=r"model\.nonfinite_loss='pause' is invalid; set model\.nonfinite_loss to one of stop, skip"):
-        train(compose_train(tmp_path, smoke_overrides(imagefolder, "model.nonfinite_loss=pause")))
+def test_on_the_device_a_stop_between_reads_freezes_the_weights_and_names_its_step(tmp_path, imagefolder, monkeypatch):
+    """Flags read every 5th batch: the NaN at step 2 halts the updates at once, and the read at the 5th batch
+    raises naming step 2, with the weights of before step 2."""
+    run = smoke_run(tmp_path, imagefolder, "trainer.log_every_n_steps=5", *FUSED)
+    poison_loss_at(monkeypatch, run.model, {2})
+    probe = WeightsAcrossBatches()
+    run.trainer.callbacks.append(probe)
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 2 \(epoch 0, batch 2\): loss nan; "):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.model.nonfinite.read_every == 5
+    assert probe.changed(1) and not probe.changed(2) and not probe.changed(3)  # (step 0's warmed-up lr is 0)
+    assert run.trainer.global_step == 4  # raised in the 5th batch's step: batches 2 and 3 stepped, updates dropped
+
+
+def test_on_the_device_skips_between_reads_are_counted_and_warned_about(tmp_path, imagefolder, monkeypatch, caplog):
+    run = smoke_run(tmp_path, imagefolder, "trainer.log_every_n_steps=5", "model.nonfinite_loss=skip", *FUSED)
+    poison_loss_at(monkeypatch, run.model, {2, 3})
+    probe = WeightsAcrossBatches()
+    run.trainer.callbacks.append(probe)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert probe.changed(1) and not probe.changed(2) and not probe.changed(3) and probe.changed(4)
+    assert probe.optimizer_steps[2] == (2, 2) and probe.optimizer_steps[3] == (2, 2)
+    assert run.model.nonfinite.skipped_steps == 2
+    assert "skipped the updates of 2 batches since the last check, the last a non-finite loss at step 3" in caplog.text
 
 
 # --- generator=gan: the same policy in manual optimisation ------------------------------------------------
@@ -112,16 +146,18 @@ class PoisonDiscriminator(L.Callback):
             module.generator.discriminator.stem.weight.data.fill_(float("nan"))
 
 
-def test_gan_stops_naming_the_step_and_both_losses(tmp_path, imagefolder):
-    run = smoke_run(tmp_path, imagefolder, "generator=gan")
+@DECIDED_ON
+def test_gan_stops_naming_the_step_and_both_losses(tmp_path, imagefolder, fused):
+    run = smoke_run(tmp_path, imagefolder, "generator=gan", *(FUSED_GAN if fused else ()))
     run.trainer.callbacks.append(PoisonDiscriminator())
     with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 2 \(epoch 0, batch 1\): discriminator loss nan, "
                                                  r"generator loss nan; lower the learning rates"):
         run.trainer.fit(run.model, datamodule=run.datamodule)
 
 
-def test_gan_skips_a_batch_with_a_nan_discriminator_loss(tmp_path, imagefolder, monkeypatch):
-    run = smoke_run(tmp_path, imagefolder, "generator=gan", "model.nonfinite_loss=skip")
+@DECIDED_ON
+def test_gan_skips_a_batch_with_a_nan_discriminator_loss(tmp_path, imagefolder, monkeypatch, fused):
+    run = smoke_run(tmp_path, imagefolder, "generator=gan", "model.nonfinite_loss=skip", *(FUSED_GAN if fused else ()))
     gan, trainer = run.model.generator, run.trainer
     original = gan.discriminator_loss
 
@@ -135,8 +171,10 @@ def test_gan_skips_a_batch_with_a_nan_discriminator_loss(tmp_path, imagefolder, 
     trainer.callbacks.append(probe)
     trainer.fit(run.model, datamodule=run.datamodule)
 
-    assert not probe.changed(1) and probe.changed(2)
-    assert trainer.global_step == 6 and len(probe.after) == 4  # the skipped batch made no step: one batch more
+    assert probe.changed(0) and not probe.changed(1) and probe.changed(2)
+    assert probe.optimizer_steps[1] == (1, 1)  # neither optimiser's state moved
+    # both optimisers stepped with the update dropped: the skipped batch counts 2 steps like the others
+    assert trainer.global_step == 6 and len(probe.after) == 3
     assert run.model.nonfinite.skipped_steps == 1
 
 

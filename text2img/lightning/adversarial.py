@@ -49,12 +49,15 @@ class AdversarialModule(Text2ImgModule):
     optimiser steps in `trainer.global_step`, so one batch advances it by 2 (and `trainer.max_steps` counts
     them too). Lightning clips gradients only in automatic optimisation; this module clips each step's
     gradients to `gradient_clip_val` (norm) itself. A non-finite loss stops training with the step and both
-    losses, or skips that optimiser's step (`nonfinite_loss`, as in `Text2ImgModule`): a non-finite
-    discriminator loss skips the whole batch, a non-finite generator loss the generator's step. A skipped step
-    does not advance `trainer.global_step`. `alignment_weight` > 0 adds the GALIP-style `LiTAlignmentLoss` to
-    the generator's loss.
+    losses, or skips the batch (`nonfinite_loss`, as in `Text2ImgModule`): a non-finite discriminator loss drops
+    both of its steps' updates, a non-finite generator loss the generator's (the discriminator's step of that
+    batch, already taken, stays). A skipped batch advances `trainer.global_step` by 2 like any other (its
+    optimisers step with the update dropped, so that the decision can stay on the device). `alignment_weight` > 0
+    adds the GALIP-style `LiTAlignmentLoss` to the generator's loss.
     """
 
+    # what the progress bars show (text2img.callbacks.progress_bar), read only when they draw
+    bar_metrics = ("train/d_loss", "train/g_loss")
     nonfinite_advice = (
         "lower the learning rates (model.optimizer.lr, model.discriminator_optimizer.lr), keep "
         "trainer.gradient_clip_val set, or train in trainer.precision=32-true"
@@ -131,6 +134,7 @@ class AdversarialModule(Text2ImgModule):
         return LiTAlignmentLoss(evaluator.to(self.device), extractor)
 
     def _step(self, optimizer: LightningOptimizer, loss: Tensor) -> None:
+        """One optimiser step on `loss`; `on_before_optimizer_step` drops the update where `_drop_update` says."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.gradient_clip_val:
@@ -145,15 +149,13 @@ class AdversarialModule(Text2ImgModule):
         # discriminator for the generator (DF-GAN), which saves a generator forward per batch.
         fake = gan.fake(text, self.fusion, gan.training_noise(len(batch), self.device))
 
+        step = self.global_step  # the step a failure is reported at: the discriminator's
         with self.toggled_optimizer(discriminator_optimizer):
             d = gan.discriminator_loss(batch.images, fake.detach(), text)
-            # checked before the step spoils the weights; the generator loss is computed for the message only
-            def generator_loss() -> dict[str, Tensor]:
-                return {"generator loss": gan.generator_loss(fake, text)}
-
-            if not self.nonfinite.finite(self, {"discriminator loss": d.total}, batch_idx, generator_loss):
-                self.nonfinite.record(self, skipped=True)
-                return None
+            # A non-finite discriminator loss drops both steps of the batch; the flags stay on the device
+            # (NonFiniteLossPolicy), so both optimisers step, with the update dropped, and a skipped batch counts
+            # in trainer.global_step like a kept one.
+            self._drop_update = self.nonfinite.flag(self, {"discriminator loss": d.total})
             self._step(discriminator_optimizer, d.total)
 
         with self.toggled_optimizer(generator_optimizer):
@@ -162,13 +164,12 @@ class AdversarialModule(Text2ImgModule):
                 alignment = self.alignment(fake, text)
                 g_loss = g_loss + self.alignment_weight * alignment
                 self.log("train/alignment", alignment, batch_size=len(batch))
-            finite = self.nonfinite.finite(self, {"discriminator loss": d.total, "generator loss": g_loss}, batch_idx)
-            if finite:
-                self._step(generator_optimizer, g_loss)
-        self.nonfinite.record(self, skipped=not finite)
+            losses = {"discriminator loss": d.total, "generator loss": g_loss}
+            self._drop_update = self.nonfinite.check(self, losses, batch_idx, step=step)
+            self._step(generator_optimizer, g_loss)
 
         self.log_dict(
-            {"train/d_loss": d.total, "train/g_loss": g_loss}, prog_bar=True, batch_size=len(batch)
+            {"train/d_loss": d.total, "train/g_loss": g_loss}, batch_size=len(batch)
         )
         self.log_dict(
             {"train/d_real": d.real, "train/d_fake": d.fake, "train/d_mismatch": d.mismatch,

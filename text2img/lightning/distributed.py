@@ -112,3 +112,23 @@ class BlockWrapPolicy(_Policy):
         self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]
     ) -> dict[nn.Module, dict[str, Any]]:
         return {module: dict(root_kwargs) for module in self.units(root_module) if module not in ignored_modules}
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over every process of a running torch.distributed job (itself outside one), on its
+    device: one all-reduce, no host copy. Lightning's `strategy.reduce` and `self.log(..., sync_dist=True)` put a
+    `barrier()` before their all-reduce, and an NCCL barrier waits on the host for the GPU's queue to drain."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    if torch.distributed.get_world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over the processes (see `sum_over_processes`), e.g. a logged loss: the global batch's."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    return sum_over_processes(tensor.detach().float()) / torch.distributed.get_world_size()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
+from text2img.lightning.distributed import mean_over_processes
 from text2img.lightning.nonfinite import NonFiniteLossPolicy
 from text2img.utils.lora import LoraSettings, add_lora
 from text2img.fusion.base import FusionHead
@@ -49,6 +50,8 @@ class Text2ImgModule(L.LightningModule):
     `NonFiniteLossPolicy`. With gradient accumulation a skipped batch drops its whole accumulated update.
     """
 
+    # what the progress bars show (text2img.callbacks.progress_bar), read only when they draw
+    bar_metrics = ("train/loss",)
     nonfinite_advice = (
         "lower model.optimizer.lr, keep trainer.gradient_clip_val set, or train in trainer.precision=32-true"
     )
@@ -171,21 +174,24 @@ class Text2ImgModule(L.LightningModule):
             self.log("train/text_loss", text_loss, batch_size=len(batch))
             losses = {"image loss": loss, "text loss": text_loss}
             loss = loss + self.text_loss_weight * text_loss
-        skipped = not self.nonfinite.finite(self, losses, batch_idx)
-        self._drop_update |= skipped
-        self.nonfinite.record(self, skipped)
-        # averaged over processes: the loss of the global batch, the same curve whatever the number of processes
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        # A device flag, no host sync (NonFiniteLossPolicy); with accumulation a skipped batch drops the whole update.
+        self._drop_update = self.nonfinite.check(self, losses, batch_idx) | self._drop_update
+        # Averaged over processes (one all-reduce, no barrier): the loss of the global batch, the same curve whatever
+        # the number of processes. Not on Lightning's progress bar, which copies its metrics to the host every step:
+        # our bars read `bar_metrics` when they draw.
+        self.log("train/loss", mean_over_processes(loss), batch_size=len(batch))
         # A skipped loss still goes through backward: Lightning refuses a None step under DDP, and every
-        # process must take part in the gradient all-reduce. Its gradients are dropped before the update.
+        # process must take part in the gradient all-reduce. Its update is dropped at the optimiser step.
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._drop_update:
-            # Parameters without gradients are left alone by torch optimisers: no step, no weight decay, no
-            # change of their moments. Every process agrees (see NonFiniteLossPolicy.finite).
-            optimizer.zero_grad(set_to_none=True)
-            self._drop_update = False
+        # A skipped batch's update is dropped exactly (no step, no weight decay, no change of the moments), on the
+        # device or by setting the gradients to None; every process agrees (see NonFiniteLossPolicy).
+        self.nonfinite.apply(optimizer, self._drop_update)
+        self._drop_update = False
+
+    def on_train_end(self) -> None:
+        self.nonfinite.finish(self)  # the last read of the non-finite flags: raises if training halted since
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule

@@ -7,6 +7,9 @@
   (`hydra.job.chdir: false`), so the current directory is the launch folder in every job too.
 - `${hf_config:model,attribute,trust_remote_code,gguf_file}`: an attribute of a transformers model's text config
   (hub name or local folder), e.g. `encoder.hidden_size` of `encoder=hf`: the user names the model alone.
+- `${fused_optimizer:accelerator}`: the `fused` argument of the optimisers (conf/model/): true on a GPU, where torch's
+  fused Adam/AdamW run as one kernel and drop a non-finite step on the device without a host sync
+  (text2img.lightning.nonfinite); null (torch's default) on the CPU, whose figures it leaves as they were.
 """
 
 from __future__ import annotations
@@ -34,7 +37,18 @@ def hf_config(
     return getattr(pretrained_config(model, trust_remote_code, gguf_file, key), attribute)
 
 
+def fused_optimizer(accelerator: str) -> bool | None:
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator == "auto":
+        import torch
+
+        return True if torch.cuda.is_available() else None
+    return None
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("weights_dtype", weights_dtype, replace=True)
     OmegaConf.register_new_resolver("launch_dir", launch_dir, replace=True)
     OmegaConf.register_new_resolver("hf_config", hf_config, replace=True)
+    OmegaConf.register_new_resolver("fused_optimizer", fused_optimizer, replace=True)
