@@ -9,7 +9,10 @@ from torch import Tensor, nn
 
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
+from text2img.sampling.runtime import per_sample_noise
 from text2img.types import TextEmbedding
+
+__all__ = ["Generator", "check_one_pass_sampling", "per_sample_noise"]
 
 
 class Generator(nn.Module, ABC):
@@ -71,12 +74,6 @@ class Generator(nn.Module, ABC):
     def reconstruct(self, images: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
         """Images in [-1, 1] passed through the model and back (only where `reconstructs` is True)."""
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
-
-
-def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device) -> Tensor:
-    """Standard normal noise [B, *shape], row i drawn from `generators[i]` on the CPU: a seed gives the same
-    sample on every device and in any batch."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 def check_one_pass_sampling(generator_name: str, guidance_scale: float | None, steps: int | None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,26 +10,14 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from torch import Tensor, nn
 
-from text2img.fusion.base import FusionHead
 from text2img.errors import ConfigError
-from text2img.generators.base import Generator, per_sample_noise
+from text2img.fusion.base import FusionHead
+from text2img.generators.base import Generator
+from text2img.sampling import runtime
+from text2img.sampling.runtime import ImageEdit
 from text2img.types import TextEmbedding
 
-
-@dataclass
-class ImageEdit:
-    """A text-guided edit of given images: SDEdit image-to-image, or inpainting when `mask` is set.
-
-    images:   [B, 3, H, W] in [-1, 1] at the generator's `image_size`, one per sample
-    strength: in (0, 1], the share of the sampling trajectory that is re-run: the images are noised to
-              the level of that point and denoised from there (1: from the sampler's first timestep, where
-              the default cosine schedule keeps 5e-5 of the input: the prompt and the seed alone decide)
-    mask:     [B, 1, H, W] of 0 (keep: those pixels come back unchanged) and 1 (regenerate), or None
-    """
-
-    images: Tensor
-    strength: float = 1.0
-    mask: Tensor | None = None
+__all__ = ["DiffusionGenerator", "ImageEdit"]
 
 
 class DiffusionGenerator(Generator):
@@ -120,14 +107,8 @@ class DiffusionGenerator(Generator):
 
     def _denoise(self, x: Tensor, t: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
         cond = fusion(text, t if fusion.timestep_aware else None)
-        out = self.unet(
-            F.pixel_unshuffle(x, self.patch_size),
-            t,
-            encoder_hidden_states=cond.tokens,
-            encoder_attention_mask=cond.mask,
-            class_labels=cond.vector if self.time_vector else None,
-        ).sample
-        return F.pixel_shuffle(out, self.patch_size)
+        vector = cond.vector if self.time_vector else None
+        return runtime.unet_prediction(self.unet, x, t, cond.tokens, cond.mask, vector, self.patch_size)
 
     def training_loss(
         self, images: Tensor, text: TextEmbedding, fusion: FusionHead, latents: Tensor | None = None
@@ -154,26 +135,9 @@ class DiffusionGenerator(Generator):
         """A fresh sampler (they keep state between steps) on the training noise schedule."""
         return self.sampler.from_config(self.noise_scheduler.config, **self.sampler_kwargs)
 
-    def _check_sampling(self, guidance_scale: float, steps: int) -> None:
-        if guidance_scale < 1.0:
-            raise ConfigError(f"guidance_scale={guidance_scale} is below 1; use 1 (no guidance) or more")
-        if not 1 <= steps <= self.noise_scheduler.config.num_train_timesteps:
-            raise ConfigError(
-                f"steps={steps} is out of range; use 1..{self.noise_scheduler.config.num_train_timesteps}"
-            )
-
     def check_edit(self, edit: ImageEdit, batch_size: int) -> None:
         """Fail clearly on an edit input that does not fit `batch_size` images of this generator."""
-        if not 0.0 < edit.strength <= 1.0:
-            raise ConfigError(f"strength={edit.strength} is out of range; use 0 < strength <= 1")
-        size = (self.image_size, self.image_size)
-        if tuple(edit.images.shape) != (batch_size, 3, *size):
-            raise ValueError(f"edit images have shape {tuple(edit.images.shape)}; expected {(batch_size, 3, *size)}")
-        if edit.mask is not None:
-            if tuple(edit.mask.shape) != (batch_size, 1, *size):
-                raise ValueError(f"edit mask has shape {tuple(edit.mask.shape)}; expected {(batch_size, 1, *size)}")
-            if not ((edit.mask == 0) | (edit.mask == 1)).all():
-                raise ValueError("the edit mask must hold 0 (keep) and 1 (regenerate) only; threshold it first")
+        runtime.check_edit(edit, batch_size, self.image_size, error=ConfigError)
 
     @torch.no_grad()
     def sample(
@@ -188,51 +152,22 @@ class DiffusionGenerator(Generator):
     ) -> Tensor:
         """See `Generator.sample`; with `edit`, the images are edited instead of drawn from noise.
 
-        Editing follows diffusers' img2img and inpainting pipelines: the last steps × strength (rounded, at
-        least one) of the `steps` timesteps are run, starting from the input noised to the first of them. With a
-        mask, after every step the kept region is replaced by the input noised to the next timestep (with
-        the same noise), so the regenerated region is denoised in agreement with it; the result is
-        composited in pixel space, which keeps the unmasked pixels exactly. All of it happens in model space
-        (`to_model_space`/`from_model_space`), so latent subclasses edit unchanged.
+        The loop is `text2img.sampling.runtime.sample`, the one the exported pipeline runs too; editing happens
+        in model space (`to_model_space`/`from_model_space`), so latent subclasses edit unchanged.
         """
-        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        steps = self.sample_steps if steps is None else steps
-        self._check_sampling(guidance_scale, steps)
+        guidance_scale, steps = runtime.sampling_settings(
+            guidance_scale, steps, (self.guidance_scale, self.sample_steps),
+            self.noise_scheduler.config.num_train_timesteps, error=ConfigError,
+        )
         if edit is not None:
             self.check_edit(edit, len(text))
-        device = text.tokens.device
-        scheduler = self.make_sampler()
-        scheduler.set_timesteps(steps, device=device)
-        guided = guidance_scale != 1.0
-        both = TextEmbedding.cat([text, null_text]) if guided else text
-        noise = per_sample_noise((self.model_channels, self.model_size, self.model_size), generators, device)
-        timesteps = scheduler.timesteps
-        x0 = keep = None
-        if edit is None:
-            x = noise * scheduler.init_noise_sigma
-        else:
-            x0 = self.to_model_space(edit.images.to(device))
-            begin = (steps - max(1, round(steps * edit.strength))) * scheduler.order
-            timesteps = timesteps[begin:]
-            if hasattr(scheduler, "set_begin_index"):  # multistep solvers index their sigmas from here
-                scheduler.set_begin_index(begin)
-            x = scheduler.add_noise(x0, noise, timesteps[:1].expand(len(x0)))
-            if edit.mask is not None:
-                # A model-space position is regenerated if any pixel it covers is (max-pooling the mask).
-                keep = 1.0 - F.adaptive_max_pool2d(edit.mask.to(device, x.dtype), self.model_size)
-        for i, t in enumerate(timesteps):
-            model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            t_batch = t.expand(model_in.shape[0]).to(device)
-            pred = self._denoise(model_in, t_batch, both, fusion)
-            if guided:
-                cond, uncond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
-            x = scheduler.step(pred, t, x, generator=generators).prev_sample
-            if keep is not None:
-                last = i + 1 == len(timesteps)
-                known_t = x0 if last else scheduler.add_noise(x0, noise, timesteps[i + 1 : i + 2].expand(len(x0)))
-                x = keep * known_t + (1.0 - keep) * x
-        images = self.from_model_space(x).clamp(-1, 1)
-        if edit is not None and edit.mask is not None:
-            images = torch.where(edit.mask.to(device).bool(), images, edit.images.to(device, images.dtype))
-        return images
+
+        def denoise(x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> Tensor:
+            return self._denoise(x, t, TextEmbedding(tokens, mask, pooled), fusion)
+
+        return runtime.sample(
+            denoise, self.make_sampler(), (text.tokens, text.mask, text.pooled),
+            (null_text.tokens, null_text.mask, null_text.pooled), generators,
+            (self.model_channels, self.model_size, self.model_size), guidance_scale, steps, edit=edit,
+            to_model_space=self.to_model_space, from_model_space=self.from_model_space,
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -17,8 +16,8 @@ from text2img.lightning.nonfinite import NonFiniteLossPolicy
 from text2img.utils.lora import LoraSettings, add_lora
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
-from text2img.generators.diffusion import DiffusionGenerator, ImageEdit
-from text2img.pipeline import generate_in_chunks
+from text2img.generators.diffusion import DiffusionGenerator
+from text2img.sampling.runtime import ImageEdit, generate_in_chunks, row_generators
 from text2img.types import Batch, EvalOutputs, TextEmbedding
 from text2img.utils.checkpoints import load_checkpoint
 
@@ -209,7 +208,7 @@ class Text2ImgModule(L.LightningModule):
     ) -> Tensor:
         """Images in [0, 1] for the given text; image i depends only on its text, `seeds[i]` and its edit input,
         bit for bit: the text is padded to `text_length` and images are generated in chunks of the fixed size
-        `text2img.pipeline.GENERATION_CHUNK` (the exported pipeline does the same).
+        `text2img.sampling.runtime.GENERATION_CHUNK` (the exported pipeline does the same).
 
         `edit` turns sampling into text-guided editing of given images (diffusion backends only).
         """
@@ -227,13 +226,10 @@ class Text2ImgModule(L.LightningModule):
         sampling = {"guidance_scale": guidance_scale, "steps": steps}
 
         def generate_chunk(rows: list[int]) -> Tensor:
-            # A generator per row, copies included: a shared one would be drawn from twice.
-            generators = [torch.Generator().manual_seed(int(seeds[row])) for row in rows]
-            chunk = (text[rows], self.null_text(len(rows)), self.fusion, generators)
+            chunk = (text[rows], self.null_text(len(rows)), self.fusion, row_generators([seeds[row] for row in rows]))
             if edit is None:
                 return self.generator.sample(*chunk, **sampling)
-            mask = None if edit.mask is None else edit.mask[rows]
-            return self.generator.sample(*chunk, **sampling, edit=replace(edit, images=edit.images[rows], mask=mask))
+            return self.generator.sample(*chunk, **sampling, edit=edit.rows(rows))
 
         return (generate_in_chunks(len(text), generate_chunk).float() + 1) / 2
 

@@ -1,0 +1,214 @@
+"""The sampling runtime of diffusion backends, written once for the generators and for the exported loader.
+
+Classifier-free guidance, the checks of guidance, steps and edit inputs, the unconditional branch padded to the
+prompts' length, pixel fold/unfold around the UNet, image-to-image and inpainting, per-sample noise from one CPU
+generator per row, and generation in chunks of a fixed size. `DiffusionGenerator.sample` (so latent diffusion
+too) and `Text2ImgPipeline` (text2img.pipeline) both sample through `sample` here: an exported model gives the
+checkpoint's images because there is only one loop.
+
+Standalone: it imports only torch, diffusers and the standard library, because the export copies it into every
+export folder beside the loader, where it runs without text2img. Text travels as plain (tokens, mask, pooled)
+tensors; what the model is (a fusion head and a UNet, or an exported program) is the caller's `denoise`, and what
+space diffusion runs in (pixels, a first stage's latents) its `to_model_space`/`from_model_space`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from diffusers import SchedulerMixin
+from torch import Tensor, nn
+
+# A text embedding as plain tensors: tokens [B, L, D] (zero at padding), mask [B, L] bool, pooled [B, D].
+Text = tuple[Tensor, Tensor, Tensor]
+# denoise(x, t, tokens, mask, pooled): the model's prediction for x at timesteps t [B], for that text.
+Denoise = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+# Images are generated in batches of exactly this many. CPU kernels (oneDNN, MKL) choose their blocking and
+# reduction order by tensor shape, so an image computed in a batch of another size differs in its last bits
+# (up to a grey level in a PNG); at one fixed shape an image's bits do not depend on what else is generated.
+# 8 keeps CPU throughput within a few percent of large batches (measured, see README "Sampling and editing").
+GENERATION_CHUNK = 8
+
+# As diffusers' pipelines: image-to-image keeps some of the input's layout, inpainting redraws the region.
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
+
+
+def generate_in_chunks(count: int, generate_chunk: Callable[[list[int]], Tensor]) -> Tensor:
+    """`generate_chunk(rows)` over 0..count-1 in chunks of exactly `GENERATION_CHUNK` rows, the last chunk
+    filled up with copies of its last row whose outputs are dropped; the outputs concatenated, [count, ...]."""
+    outputs = []
+    for start in range(0, count, GENERATION_CHUNK):
+        rows = [min(row, count - 1) for row in range(start, start + GENERATION_CHUNK)]
+        outputs.append(generate_chunk(rows)[: count - start])
+    return torch.cat(outputs)
+
+
+def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per row, seeded with the row's seed (a chunk's copies included: a generator shared by two
+    rows would be drawn from twice)."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def per_sample_noise(shape: tuple[int, ...], generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """Standard normal noise [B, *shape], row i drawn from `generators[i]` on the CPU, then moved: a seed gives the
+    same sample on every device and in any batch."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@dataclass
+class ImageEdit:
+    """A text-guided edit of given images: SDEdit image-to-image, or inpainting when `mask` is set.
+
+    images:   [B, 3, H, W] in [-1, 1] at the generator's `image_size`, one per sample
+    strength: in (0, 1], the share of the sampling trajectory that is re-run: the images are noised to
+              the level of that point and denoised from there (1: from the sampler's first timestep, where
+              the default cosine schedule keeps 5e-5 of the input: the prompt and the seed alone decide)
+    mask:     [B, 1, H, W] of 0 (keep: those pixels come back unchanged) and 1 (regenerate), or None
+    """
+
+    images: Tensor
+    strength: float = 1.0
+    mask: Tensor | None = None
+
+    def rows(self, rows: Sequence[int]) -> ImageEdit:
+        """The edit of the given rows (a generation chunk's)."""
+        return replace(self, images=self.images[rows], mask=None if self.mask is None else self.mask[rows])
+
+
+def sampling_settings(
+    guidance_scale: float | None,
+    steps: int | None,
+    defaults: tuple[float, int],
+    num_train_timesteps: int,
+    error: type[Exception] = ValueError,
+) -> tuple[float, int]:
+    """(guidance_scale, steps), each the model's default (`defaults`) when None, checked; a setting out of range
+    raises `error` (text2img passes its ConfigError) with a one-line message."""
+    guidance_scale = defaults[0] if guidance_scale is None else guidance_scale
+    steps = defaults[1] if steps is None else steps
+    if guidance_scale < 1.0:
+        raise error(f"guidance_scale={guidance_scale} is below 1; use 1 (no guidance) or more")
+    if not 1 <= steps <= num_train_timesteps:
+        raise error(f"steps={steps} is out of range; use 1..{num_train_timesteps}")
+    return guidance_scale, steps
+
+
+def check_edit(edit: ImageEdit, batch_size: int, image_size: int, error: type[Exception] = ValueError) -> None:
+    """Fail clearly on an edit input that does not fit `batch_size` images of `image_size` px: a strength out of
+    range raises `error`, malformed images or masks ValueError."""
+    if not 0.0 < edit.strength <= 1.0:
+        raise error(f"strength={edit.strength} is out of range; use 0 < strength <= 1")
+    size = (image_size, image_size)
+    if tuple(edit.images.shape) != (batch_size, 3, *size):
+        raise ValueError(f"edit images have shape {tuple(edit.images.shape)}; expected {(batch_size, 3, *size)}")
+    if edit.mask is not None:
+        if tuple(edit.mask.shape) != (batch_size, 1, *size):
+            raise ValueError(f"edit mask has shape {tuple(edit.mask.shape)}; expected {(batch_size, 1, *size)}")
+        if not ((edit.mask == 0) | (edit.mask == 1)).all():
+            raise ValueError("the edit mask must hold 0 (keep) and 1 (regenerate) only; threshold it first")
+
+
+def unconditional(null_tokens: Tensor, null_pooled: Tensor, batch: int) -> Text:
+    """The learned null embedding (`null_tokens` [1, D], `null_pooled` [D]) for `batch` rows: one token, always
+    attended."""
+    mask = torch.ones(batch, 1, dtype=torch.bool, device=null_tokens.device)
+    return null_tokens.expand(batch, 1, -1), mask, null_pooled.expand(batch, -1)
+
+
+def with_unconditional(text: Text, null_text: Text) -> Text:
+    """The guided batch's text: the prompts' rows, then the unconditional ones, both right-padded (zero tokens,
+    mask False) to the longer of the two."""
+    length = max(text[0].shape[1], null_text[0].shape[1])
+    padded = [
+        (F.pad(tokens, (0, 0, 0, length - tokens.shape[1])), F.pad(mask, (0, length - mask.shape[1])), pooled)
+        for tokens, mask, pooled in (text, null_text)
+    ]
+    tokens, mask, pooled = (torch.cat(column) for column in zip(*padded))
+    return tokens, mask, pooled
+
+
+def unet_prediction(
+    unet: nn.Module, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, vector: Tensor | None, patch_size: int
+) -> Tensor:
+    """A diffusers UNet's prediction for x [B, C, H, W] at timesteps t [B], cross-attending to `tokens` where
+    `mask` is True: p x p pixel patches are folded into channels before it (`pixel_unshuffle`) and unfolded after.
+    `vector` feeds the UNet's class embedding (None for a UNet without one)."""
+    out = unet(
+        F.pixel_unshuffle(x, patch_size), t, encoder_hidden_states=tokens, encoder_attention_mask=mask,
+        class_labels=vector,
+    ).sample
+    return F.pixel_shuffle(out, patch_size)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@torch.no_grad()
+def sample(
+    denoise: Denoise,
+    scheduler: SchedulerMixin,
+    text: Text,
+    null_text: Text,
+    generators: Sequence[torch.Generator],
+    shape: tuple[int, int, int],
+    guidance_scale: float,
+    steps: int,
+    edit: ImageEdit | None = None,
+    to_model_space: Callable[[Tensor], Tensor] = _identity,
+    from_model_space: Callable[[Tensor], Tensor] = _identity,
+) -> Tensor:
+    """Images [B, 3, H, W] in [-1, 1] for the text's B rows, with classifier-free guidance (`guidance_scale` > 1:
+    `null_text` is the unconditional branch) over `steps` timesteps of `scheduler`, a fresh sampler (they keep
+    state between steps). Diffusion runs in a space of `shape` (C, S, S); `from_model_space` turns its result into
+    images and `to_model_space` images into it (for edits). Settings are the caller's, checked
+    (`sampling_settings`, `check_edit`).
+
+    Row i's noise comes from `generators[i]` on the CPU, so the images of a seed do not depend on the device or on
+    the rest of the batch (at the batch size of `generate_in_chunks`, not even in their last bits).
+
+    With `edit`, the images are edited instead of drawn from noise, as diffusers' img2img and inpainting
+    pipelines do: the last steps x strength (rounded, at least one) of the `steps` timesteps are run, starting from
+    the input noised to the first of them. With a mask, after every step the kept region is replaced by the input
+    noised to the next timestep (with the same noise), so the regenerated region is denoised in agreement with it;
+    the result is composited in pixel space, which keeps the unmasked pixels exactly. All of it happens in model
+    space, so latent diffusion edits the same way.
+    """
+    device = text[0].device
+    scheduler.set_timesteps(steps, device=device)
+    guided = guidance_scale != 1.0
+    both = with_unconditional(text, null_text) if guided else text
+    noise = per_sample_noise(shape, generators, device)
+    timesteps = scheduler.timesteps
+    x0 = keep = None
+    if edit is None:
+        x = noise * scheduler.init_noise_sigma
+    else:
+        x0 = to_model_space(edit.images.to(device))
+        begin = (steps - max(1, round(steps * edit.strength))) * scheduler.order
+        timesteps = timesteps[begin:]
+        if hasattr(scheduler, "set_begin_index"):  # multistep solvers index their sigmas from here
+            scheduler.set_begin_index(begin)
+        x = scheduler.add_noise(x0, noise, timesteps[:1].expand(len(x0)))
+        if edit.mask is not None:
+            # A model-space position is regenerated if any pixel it covers is (max-pooling the mask).
+            keep = 1.0 - F.adaptive_max_pool2d(edit.mask.to(device, x.dtype), shape[-1])
+    for i, t in enumerate(timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        pred = denoise(model_in, t.expand(model_in.shape[0]).to(device), *both)
+        if guided:
+            cond, uncond = pred.chunk(2)
+            pred = uncond + guidance_scale * (cond - uncond)
+        x = scheduler.step(pred, t, x, generator=generators).prev_sample
+        if keep is not None:
+            last = i + 1 == len(timesteps)
+            known_t = x0 if last else scheduler.add_noise(x0, noise, timesteps[i + 1 : i + 2].expand(len(x0)))
+            x = keep * known_t + (1.0 - keep) * x
+    images = from_model_space(x).clamp(-1, 1)
+    if edit is not None and edit.mask is not None:
+        images = torch.where(edit.mask.to(device).bool(), images, edit.images.to(device, images.dtype))
+    return images
