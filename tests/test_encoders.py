@@ -12,7 +12,8 @@ from omegaconf.errors import MissingMandatoryValue
 from text2img.encoders import HFTextEncoder, MiniLMEncoder, SmolLM2Encoder, TextEncoder, TinyEncoder
 from text2img.encoders.cache import cache_key
 from text2img.export import text_encoder_settings
-from text2img.pipeline import Text2ImgPipeline, load_gguf, load_text_model, prepare_text_model
+from text2img.encoders.text_model import load_gguf, load_text_model, prepare_text_model
+from text2img.pipeline import Text2ImgPipeline
 from text2img.encoders.smollm2 import GGUF_FILE, package_dir
 from text2img.types import TextEmbedding
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -15,18 +16,22 @@ import torch
 from conftest import REPO_ROOT, compose_train, run_entry_point, smoke_overrides, write_imagefolder
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from hydra.utils import get_class
+from omegaconf import OmegaConf
+from PIL import Image
 from safetensors.torch import load_file
 
 from text2img.run.compose import load_model
 from text2img.encoders import HFTextEncoder, TinyEncoder
 from text2img.errors import ConfigError
-from text2img.export import export, export_fusion, write_export
+from text2img.export import export, export_fusion, loader_files, write_export
 from text2img.fusion import FusionHead, TokenProjection
 from text2img.generators.first_stage import FirstStage
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgModule
-from text2img.pipeline import FUSION_FILE, LOADER_FILE, SETTINGS_FILE, Text2ImgPipeline
+from text2img.pipeline import FUSION_FILE, LOADER_PACKAGE, SETTINGS_FILE, Text2ImgPipeline
 from text2img.run.compose import build_model
+from text2img.sample import load_edit
+from text2img.sampling.runtime import ImageEdit
 from text2img.train import train
 from text2img.types import Conditioning, TextEmbedding
 
@@ -95,7 +100,12 @@ def test_folder_loads_with_diffusers_own_classes(exported: Path, checkpoint_mode
     settings = json.loads((exported / SETTINGS_FILE).read_text())
     assert settings["generator"] | {"patch_size": 2, "model_channels": 3, "sample_steps": 2} == settings["generator"]
     assert settings["text_encoder"]["weights"] == "text_encoder" and settings["text_encoder"]["reference"] is None
-    assert (exported / LOADER_FILE).read_text() == (REPO_ROOT / "text2img" / "pipeline.py").read_text()
+    # the loader: copies of the pipeline and the standalone modules it imports, each from its one source
+    sources = {"__init__.py": "pipeline.py", "encoders/text_model.py": "encoders/text_model.py",
+               "sampling/runtime.py": "sampling/runtime.py"}
+    assert {name: path.relative_to(REPO_ROOT / "text2img").as_posix() for name, path in loader_files().items()} == sources
+    for name, source in sources.items():
+        assert (exported / LOADER_PACKAGE / name).read_text() == (REPO_ROOT / "text2img" / source).read_text()
     assert "from text2img_pipeline import Text2ImgPipeline" in (exported / "README.md").read_text()
     null = load_file(exported / "fusion" / "null_text.safetensors")
     assert torch.equal(null["tokens"], model.null_tokens) and torch.equal(null["pooled"], model.null_pooled)
@@ -354,3 +364,66 @@ def test_timestep_aware_and_time_vector_models_export_with_the_same_images(tmp_p
     expected = model.generate(encoder.encode(PROMPTS), SEEDS)
     assert images.shape == expected.shape == (4, 3, 16, 16)
     assert (images - expected).abs().max() <= TOLERANCE
+
+
+def edit_files(folder: Path, size: tuple[int, int]) -> tuple[Path, Path]:
+    """A photo (random RGB pixels, not square: both sides crop it) and an inpainting mask (its lower half white)
+    as PNG files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.numpy()).save(folder / "photo.png")
+    mask = torch.zeros(size[1], size[0], dtype=torch.uint8)
+    mask[size[1] // 2 :] = 255
+    Image.fromarray(mask.numpy()).save(folder / "mask.png")
+    return folder / "photo.png", folder / "mask.png"
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_the_export_edits_images_as_the_checkpoint_does(space: str, exported: Path, checkpoint_model, tmp_path: Path) -> None:
+    """`image=`, `mask_image=`, `strength=`: image-to-image and inpainting through the sampling runtime text2img
+    edits with, from image files read as `text2img.sample` reads `init_image=` and `mask=`."""
+    if space == "pixel":
+        (model, encoder), folder = checkpoint_model, exported
+    else:
+        model, encoder = tiny_latent_module()
+        folder = write_export(model, encoder, tmp_path / "ldm")
+    pipe = Text2ImgPipeline.from_folder(folder)
+    size = model.generator.image_size
+    photo, mask = edit_files(tmp_path / "inputs", (size + 8, size - 4))
+    text, count = encoder.encode(PROMPTS), len(PROMPTS)
+    for mask_file, strength in [(None, 0.6), (None, None), (mask, None), (mask, 0.5)]:
+        options = {"init_image": str(photo), "mask": mask_file and str(mask_file), "strength": strength}
+        edit = load_edit(OmegaConf.create(options), size)
+        rows = replace(edit, images=edit.images.expand(count, -1, -1, -1),
+                       mask=None if edit.mask is None else edit.mask.expand(count, -1, -1, -1))
+        expected = model.generate(text, SEEDS, edit=rows)
+        with Image.open(photo) as image, Image.open(mask) as mask_image:
+            images = pipe(PROMPTS, seed=SEEDS, output_type="pt", image=image, strength=strength,
+                          mask_image=mask_image if mask_file else None)
+        assert images.shape == expected.shape == (count, 3, size, size)
+        assert (images - expected).abs().max() <= TOLERANCE, (mask_file, strength)
+        if mask_file is not None:  # inpainting: the kept half comes back as it went in
+            assert torch.equal(images[..., : size // 2, :], ((rows.images + 1) / 2)[..., : size // 2, :])
+    # tensors in [0, 1] (what output_type="pt" gives) and 0/1 masks are taken too, one for every prompt
+    pixels, keep_top = (edit.images + 1) / 2, edit.mask
+    expected = model.generate(text, SEEDS, edit=ImageEdit(
+        (pixels * 2 - 1).expand(count, -1, -1, -1), 0.5, keep_top.expand(count, -1, -1, -1)))
+    images = pipe(PROMPTS, seed=SEEDS, output_type="pt", image=pixels, mask_image=keep_top, strength=0.5)
+    assert (images - expected).abs().max() <= TOLERANCE
+
+
+def test_loader_edit_arguments_are_checked(exported: Path) -> None:
+    pipe = Text2ImgPipeline.from_folder(exported)
+    image = Image.new("RGB", (32, 32), "red")
+    cases = [
+        ({"mask_image": image}, "mask_image= needs image=, the image to edit"),
+        ({"strength": 0.5}, "strength= needs image=, the image to edit"),
+        ({"image": image, "strength": 1.5}, "strength=1.5 is out of range; use 0 < strength <= 1"),
+        ({"image": [image] * 2}, "got 2 images for 3 prompts; give one, or one per prompt"),
+        ({"image": image, "mask_image": torch.full((1, 1, 32, 32), 0.5)},
+         "the edit mask must hold 0 (keep) and 1 (regenerate) only; threshold it first"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError) as error:
+            pipe(PROMPTS[:3], **options)
+        assert one_line(error) == message

@@ -10,11 +10,14 @@ without Hydra or the training code:
     fusion/null_text.safetensors   the learned null embedding of classifier-free guidance
     text_encoder/         the text encoder's weights and tokenizer (copy_encoder=true)
     text2img.json         sampling settings, the text encoder's settings and reference, provenance
-    text2img_pipeline.py  the loader (a copy of text2img/pipeline.py), and README.md on how to use it
+    text2img_pipeline/    the loader, a package of copies of text2img's standalone modules (`loader_files`):
+                          __init__.py (text2img/pipeline.py), encoders/text_model.py, sampling/runtime.py
+    README.md             how to use it
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -126,6 +129,51 @@ def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path, tune
     }
 
 
+def loader_files() -> dict[str, Path]:
+    """The standalone loader's files, by their path in the export's loader package, each copied from its one source:
+    text2img/pipeline.py as `__init__.py`, and the text2img modules it imports relatively (transitively) at their
+    paths in text2img (`from .sampling.runtime import ...` -> `sampling/runtime.py`), so that the same relative
+    imports resolve inside the exported package and never reach an installed text2img."""
+    root = Path(pipeline.__file__).resolve().parent
+    files, todo = {"__init__.py": root / "pipeline.py"}, [root / "pipeline.py"]
+    while todo:
+        source = todo.pop()
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Import):
+                absolute = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                absolute = [node.module or ""]
+            elif isinstance(node, ast.ImportFrom):
+                if node.module is None:
+                    raise RuntimeError(f"{source}: the loader imports modules by `from . import`; name the module")
+                base = source.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                target = base.joinpath(*node.module.split(".")).with_suffix(".py")
+                relative = target.relative_to(root).as_posix()
+                if relative not in files:
+                    files[relative] = target
+                    todo.append(target)
+                continue
+            else:
+                continue
+            if any(name.split(".")[0] == "text2img" for name in absolute):
+                raise RuntimeError(f"{source} is part of the standalone loader but imports text2img by name")
+    return files
+
+
+def write_loader(folder: Path) -> None:
+    """The loader package `folder` (`loader_files`), with an `__init__.py` in each of its subfolders."""
+    for relative, source in loader_files().items():
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        for package in target.relative_to(folder).parents:
+            init = folder / package / "__init__.py"
+            if not init.exists():
+                init.write_text('"""Part of the exported text2img loader."""\n')
+
+
 def check_diffusion(generator: type, checkpoint: str | None) -> None:
     if not issubclass(generator, DiffusionGenerator):
         raise ConfigError(
@@ -204,7 +252,7 @@ def write_export(
             ),
         }
         (tmp / pipeline.SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        shutil.copyfile(pipeline.__file__, tmp / pipeline.LOADER_FILE)
+        write_loader(tmp / pipeline.LOADER_PACKAGE)
         has_vae = (tmp / pipeline.VAE_DIR).is_dir()
         (tmp / "README.md").write_text(readme(settings, generator.prediction_type, has_vae))
         if out.exists():  # empty, or overwrite=true: replaced only now that the new folder is complete
@@ -264,6 +312,11 @@ pipe = Text2ImgPipeline.from_folder("path/to/this/folder")   # device="cuda" for
 images = pipe(["a red apple", "a green apple"], seed=0)      # PIL images; image i uses seed 0 + i
 images[0].save("apple.png")
 tensor = pipe(["a red apple"], seed=[7], guidance_scale={guidance}, steps={steps}, output_type="pt")  # [1, 3, H, W], [0, 1]
+
+from PIL import Image
+photo, mask = Image.open("apple.png"), Image.open("mask.png")   # mask: white = regenerate, black = keep
+greener = pipe(["a green apple"], image=photo, strength=0.6)  # image-to-image (strength: share re-run, 0.8 default)
+filled = pipe(["a pear"], image=photo, mask_image=mask)       # inpainting: black pixels come back unchanged
 ```
 
 Defaults: `guidance_scale={guidance}` (classifier-free guidance; 1 = none), `steps={steps}`, {prediction} prediction.
@@ -287,7 +340,9 @@ that was encoded in other batches, whose last bits can differ: against those, pi
   layer_mean, pooling, template, chat_template, system_prompt, max_length, dtype) and where the model
   came from (`source`).
 - The text encoder is {encoder}. Its settings are those of the training run's text embeddings: {identity}.
-- `text2img_pipeline.py`: the loader; `Text2ImgPipeline.encode(prompts)` gives the text embeddings alone.
+- `text2img_pipeline/`: the loader, a package that imports only the packages above and itself (copies of
+  text2img's `pipeline.py`, `encoders/text_model.py` and `sampling/runtime.py`, the code text2img samples
+  with); `Text2ImgPipeline.encode(prompts)` gives the text embeddings alone.
 """
 
 

@@ -20,8 +20,8 @@ from text2img.encoders.base import TextEncoder
 from text2img.errors import ConfigError
 from text2img.utils.lora import LoraSettings, add_lora
 from text2img.utils.precision import WEIGHT_DTYPES
-# The encoding core lives in the standalone loader that exports ship, so exported models encode identically.
-from text2img.pipeline import encode_tokens, load_text_model, prepare_text_model, tokenize
+# Standalone: exports ship a copy of it beside their loader, so exported models encode identically.
+from text2img.encoders.text_model import encode_tokens, load_text_model, prepare_text_model, tokenize
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,9 @@ class HFTextEncoder(TextEncoder):
         }
 
     def reference(self) -> dict[str, Any] | None:
-        """How to load these weights without text2img (`text2img.pipeline.load_text_model`'s arguments), or
-        None where they exist only in code; an export writes it next to (or instead of) a copy of them."""
+        """How to load these weights without text2img (`text2img.encoders.text_model.load_text_model`'s
+        arguments), or None where they exist only in code; an export writes it next to (or instead of) a copy of
+        them."""
         return {"model": self.model_name, "gguf_file": self.gguf_file, "trust_remote_code": self.trust_remote_code}
 
     def _load_pretrained(self) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from text2img.encoders.hf import HFTextEncoder, pretrained_config
-from text2img.pipeline import load_gguf
+from text2img.encoders.text_model import load_gguf
 from text2img.utils.progress import Progress
 
 log = logging.getLogger(__name__)

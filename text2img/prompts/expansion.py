@@ -178,7 +178,8 @@ class PromptExpander:
             path = str(convert(self._packaged_smollm2().converted_dir))
         else:
             path = self.model_name
-        # Not text2img.pipeline.load_text_model: it loads the base model, which has no LM head to generate with.
+        # Not text2img.encoders.text_model.load_text_model: it loads the base model, which has no LM head to
+        # generate with.
         return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
 
     def unload(self) -> None:
