@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import FSDPStrategy
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from text2img.errors import ConfigError
 
@@ -19,9 +23,41 @@ def warmup_decay(num_averaged: int, decay: float) -> float:
     return min(decay, (1 + num_averaged) / (10 + num_averaged))
 
 
-def warmup_ema_(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor, decay: float) -> None:
+def warmup_ema_(averaged: list[Tensor], current: list[Tensor], num_averaged: int, decay: float) -> None:
     """In-place EMA step over all tensors at once (one fused op instead of one per tensor)."""
     torch._foreach_lerp_(averaged, current, 1.0 - warmup_decay(int(num_averaged), decay))
+
+
+class HostCountedAveragedModel(AveragedModel):
+    """torch's `AveragedModel` with the number of updates also counted on the host: torch's own `update_parameters`
+    reads its `n_averaged` buffer, on the GPU, twice per update (`n_averaged == 0`, `> 0`) and hands the averaging
+    function a tensor, three host syncs per training step. The buffer is still kept (checkpoints), and read once
+    after a load. The same update otherwise (a `multi_avg_fn`, which `EMA` always gives, gets the count as an int)."""
+
+    _host_count: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_count = None
+
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._host_count is None:
+            self._host_count = int(self.n_averaged)  # one host read after setup or a load
+        averaged = itertools.chain(self.module.parameters(), self.module.buffers()) if self.use_buffers else self.parameters()
+        current = itertools.chain(model.parameters(), model.buffers()) if self.use_buffers else model.parameters()
+        pairs = [(a.detach(), c.detach().to(a.device)) for a, c in zip(averaged, current)]
+        if self._host_count == 0:
+            for a, c in pairs:
+                a.copy_(c)
+        else:
+            grouped = _group_tensors_by_device_and_dtype([[a for a, _ in pairs], [c for _, c in pairs]])
+            for (averaged_group, current_group), _ in grouped.values():
+                self.multi_avg_fn(averaged_group, current_group, self._host_count)
+        if not self.use_buffers:
+            for b_averaged, b_model in zip(self.module.buffers(), model.buffers()):
+                b_averaged.detach().copy_(b_model.detach().to(b_averaged.device))
+        self.n_averaged += 1
+        self._host_count += 1
 
 
 class EMA(WeightAveraging):
@@ -43,13 +79,16 @@ class EMA(WeightAveraging):
         if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard: there is no whole copy to average
             raise ConfigError("callbacks.ema cannot average FSDP-sharded weights; with trainer=fsdp drop it: '~callbacks.ema'")
         super().setup(trainer, pl_module, stage)
+        if isinstance(self._average_model, AveragedModel):  # built by WeightAveraging.setup: count on the host too
+            self._average_model.__class__ = HostCountedAveragedModel
+            self._average_model._host_count = 0  # a new average; a checkpoint's load sets it to None (read once)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Frozen weights (a LoRA-tuned LLM's base: 135M with SmolLM2) never change, so their average is their
         # first copy; skipping them saves a full pass over them every step. Read once the model is on its device.
         self._frozen = {p.data_ptr() for p in pl_module.parameters() if not p.requires_grad}
 
-    def _average(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+    def _average(self, averaged: list[Tensor], current: list[Tensor], num_averaged: int) -> None:
         """Called per dtype group: integer tensors (BERT's position ids, step counters) are copied, not averaged."""
         pairs = [(a, c) for a, c in zip(averaged, current) if c.data_ptr() not in self._frozen]
         if not pairs:

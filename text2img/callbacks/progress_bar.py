@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
@@ -12,9 +14,40 @@ from text2img.utils.progress import Progress, terminal_shows_bars
 
 
 def progress_bar() -> ProgressBar:
-    """`RichProgressBar` when stdout and stderr are a terminal; `LoggedProgressBar` otherwise (CI, `| tee`, SLURM),
+    """`RichBar` when stdout and stderr are a terminal; `LoggedProgressBar` otherwise (CI, `| tee`, SLURM),
     where the rich bar prints nothing until a stage ends and tqdm's fills the file with carriage returns."""
-    return RichProgressBar() if terminal_shows_bars() else LoggedProgressBar()
+    return RichBar() if terminal_shows_bars() else LoggedProgressBar()
+
+
+def bar_metrics(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+    """The module's `bar_metrics` (names of logged training metrics, e.g. ("train/loss",)) as numbers: a host copy.
+
+    The modules log them without `prog_bar=True`, since Lightning copies every prog_bar metric to the host after
+    every training step, which stalls a GPU's queue; the bars call this only when they draw."""
+    metrics = trainer.callback_metrics
+    return {name: float(metrics[name]) for name in getattr(pl_module, "bar_metrics", ()) if name in metrics}
+
+
+class RichBar(RichProgressBar):
+    """Lightning's rich bar, which reads its metrics after every training batch (a host sync per step on a GPU),
+    reading them at most every `metrics_interval` seconds instead, with the module's `bar_metrics`."""
+
+    def __init__(self, metrics_interval: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics_interval = metrics_interval
+        self._metrics_read = -math.inf
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, pl_module), **bar_metrics(trainer, pl_module)}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # resumed mid-epoch, as Lightning's own hook does
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+        if time.monotonic() - self._metrics_read >= self.metrics_interval:
+            self._metrics_read = time.monotonic()
+            self._update_metrics(trainer, pl_module)
+        self.refresh()
 
 
 class LoggedProgressBar(ProgressBar):
@@ -38,6 +71,9 @@ class LoggedProgressBar(ProgressBar):
         if not self.is_enabled:
             return None
         return Progress(what, None if math.isinf(total) else int(total), unit, done=done)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, pl_module), **bar_metrics(trainer, pl_module)}
 
     def _metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         metrics = self.get_metrics(trainer, pl_module)

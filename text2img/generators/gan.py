@@ -243,7 +243,9 @@ class GANGenerator(Generator):
         fake_logits = disc.logits(disc.image_features(fake.detach()), text_features)
         real_loss = F.relu(1 - real_logits).mean()
         fake_loss = F.relu(1 + fake_logits).mean()
-        mismatch_loss = F.relu(1 + mismatch_logits[mismatched]).mean() if mismatched.any() else fake_loss.new_zeros(())
+        # the mean over the mismatched rows (0 if none), without a host sync: masked, not indexed
+        kept = mismatched.to(mismatch_logits.dtype)
+        mismatch_loss = (F.relu(1 + mismatch_logits) * kept).sum() / kept.sum().clamp(min=1)
         penalty = self.matching_aware_penalty(real_logits, real, text_features)
         total = real_loss + (fake_loss + mismatch_loss) / 2 + penalty
         return DiscriminatorLoss(total, real_loss, fake_loss, mismatch_loss, penalty)
