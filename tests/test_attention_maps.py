@@ -43,13 +43,13 @@ def assert_distributions(maps: torch.Tensor, tokens: int, size: int) -> None:
 def test_diffusion_maps_one_per_token_and_leave_the_image_unchanged(tmp_path, imagefolder):
     datamodule, model = build(tmp_path, imagefolder)
     processors = cross_attention_processors(model)
-    result = cross_attention_maps(model, datamodule, PROMPT, seed=3)
+    result = cross_attention_maps(model, PROMPT, seed=3)
 
     assert result.tokens == PROMPT_TOKENS and result.encoder_text == PROMPT
     assert_distributions(result.maps, len(PROMPT_TOKENS), 32)
     assert result.maps.std(0).max() > 0  # tokens differ somewhere: not a uniform placeholder
     # The image text2img.sample draws (from the untrimmed embedding).
-    text = datamodule.sampling_prompts([PROMPT])[1]
+    text = model.conditioner.sampling([PROMPT]).text
     torch.testing.assert_close(result.image, model.generate(text, [3])[0], rtol=0, atol=1e-5)
     assert cross_attention_processors(model) == processors  # the layers' own processors are back
 
@@ -59,20 +59,20 @@ def test_latent_diffusion_maps_are_upsampled_to_the_image(tmp_path, imagefolder,
         tmp_path, imagefolder, "generator=ldm", f"generator.first_stage.source={tiny_first_stage}",
         "generator.latent_scale=1.0",
     )
-    result = cross_attention_maps(model, datamodule, PROMPT, guidance_scale=1.0)
+    result = cross_attention_maps(model, PROMPT, guidance_scale=1.0)
     assert_distributions(result.maps, len(PROMPT_TOKENS), 32)
 
 
 def test_a_resampling_head_labels_its_latents(tmp_path, imagefolder):
     datamodule, model = build(tmp_path, imagefolder, "fusion=perceiver", "fusion.num_latents=4", "fusion.heads=4")
-    result = cross_attention_maps(model, datamodule, PROMPT)
+    result = cross_attention_maps(model, PROMPT)
     assert result.tokens == ["latent 0", "latent 1", "latent 2", "latent 3"]
     assert_distributions(result.maps, 4, 32)
 
 
 def test_gan_with_attention_records_its_cross_attention(tmp_path, imagefolder):
     datamodule, model = build(tmp_path, imagefolder, "generator=gan", "generator.attention=true")
-    result = cross_attention_maps(model, datamodule, PROMPT)
+    result = cross_attention_maps(model, PROMPT)
     assert result.tokens == PROMPT_TOKENS
     assert_distributions(result.maps, len(PROMPT_TOKENS), 32)
 
@@ -81,7 +81,7 @@ def test_gan_with_attention_records_its_cross_attention(tmp_path, imagefolder):
 def test_backends_without_cross_attention_are_refused(tmp_path, imagefolder, overrides):
     datamodule, model = build(tmp_path, imagefolder, *overrides)
     with pytest.raises(ConfigError, match="attention maps exist for generator=diffusion, generator=ldm"):
-        cross_attention_maps(model, datamodule, PROMPT)
+        cross_attention_maps(model, PROMPT)
 
 
 def test_recorded_probabilities_are_the_layers_and_ignore_padding():

@@ -13,7 +13,7 @@ from text2img.generators.base import Generator
 from text2img.lightning import Text2ImgModule
 from text2img.metrics import EvalMetric
 from text2img.generators import build_fusion
-from text2img.run.compose import build_model
+from text2img.run.compose import build_data, build_model
 
 GROUPS = [
     "encoder", "peft", "prompt_expansion", "fusion", "generator", "generator_peft", "model", "data", "trainer",
@@ -86,7 +86,7 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder, tiny_
         (metric,) = instantiate(cfg.metrics).values()
         assert isinstance(metric, EvalMetric)
     elif group == "data":
-        datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+        datamodule = build_data(cfg)
         assert len(datamodule.source.split("train")) > 0
     elif group in ("logger", "callbacks"):
         built = [instantiate(v) for v in (cfg.get(group) or {}).values() if v is not None]

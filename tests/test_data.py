@@ -266,10 +266,12 @@ def test_array_dataset_applies_transform() -> None:
         ArrayImageDataset(images, ["a"])
 
 
-# ---------------------------------------------------------------- caption augmentation in the data module
+# ---------------------------------------------------------------- caption augmentation: data module and conditioner
 
 
-def _augmenting_datamodule(folder: Path, cache_dir: Path, **options):
+def _augmenting(folder: Path, cache_dir: Path, **options):
+    """A data module and the text conditioner of an augmenting run (TinyEncoder with `options`)."""
+    from text2img.conditioning import TextConditioner, caption_draws
     from text2img.data.caption_augment import CaptionAugment
     from text2img.encoders import TinyEncoder
     from text2img.lightning import Text2ImgDataModule
@@ -278,72 +280,78 @@ def _augmenting_datamodule(folder: Path, cache_dir: Path, **options):
     augment = CaptionAugment(word_dropout=0.3, templates=["{caption}", "an emoji of {caption}"], variants=3)
     encoder = TinyEncoder(max_length=64, **options)
     reference = TinyEncoder(max_length=64) if encoder.trainable else None
-    return Text2ImgDataModule(
-        source, encoder, str(cache_dir), batch_size=8, caption_augment=augment, reference_encoder=reference
-    )
+    draws = caption_draws(augment, on_the_fly=encoder.trainable)
+    datamodule = Text2ImgDataModule(source, batch_size=8, caption_draws=draws)
+    return datamodule, TextConditioner(encoder, cache_dir, caption_augment=augment, reference_encoder=reference)
 
 
 def test_frozen_encoder_caches_the_variants_once(imagefolder: Path, tmp_path: Path, monkeypatch) -> None:
-    datamodule = _augmenting_datamodule(imagefolder, tmp_path / "emb")
+    datamodule, text = _augmenting(imagefolder, tmp_path / "emb")
     encoded: list[list[str]] = []
-    original = datamodule.encoder.encode
-    monkeypatch.setattr(datamodule.encoder, "encode", lambda texts: encoded.append(list(texts)) or original(texts))
-    datamodule.prepare_data()
+    original = text.text_encoder.encode
+    monkeypatch.setattr(text.text_encoder, "encode", lambda texts: encoded.append(list(texts)) or original(texts))
+    text.prepare(datamodule.caption_sets())
     train = sorted(set(datamodule.source.split("train").captions))
     evaluation = {c for name in ("val", "test") for c in datamodule.source.split(name).captions}
-    variants = {v for c in train for v in datamodule.caption_augment.variants_of(c)}
+    variants = {v for c in train for v in text.caption_augment.variants_of(c)}
     assert len(encoded) == 1 and set(encoded[0]) == variants | evaluation
     assert len(encoded[0]) == len(set(encoded[0]))
 
-    again = _augmenting_datamodule(imagefolder, tmp_path / "emb")
-    again.setup()
-    assert again.cache.stats.misses == 0 and not again.encoder.is_loaded
+    datamodule, again = _augmenting(imagefolder, tmp_path / "emb")
+    datamodule.setup()
+    again.setup(datamodule.caption_sets())
+    assert again.cache.stats.misses == 0 and not again.text_encoder.is_loaded
     torch.manual_seed(0)
-    batch = next(iter(again.train_dataloader()))
-    assert set(batch.captions) <= set(train)  # the originals; only what the encoder read differs
-    assert all(prompt in datamodule.caption_augment.variants_of(c) for c, prompt in zip(batch.captions, batch.prompts))
-    assert any(prompt != caption for caption, prompt in zip(batch.captions, batch.prompts))
-    plain = again.encoder.encode(batch.captions)
-    assert not torch.equal(batch.text.pooled, plain.pooled)  # training embeddings change...
-    val = next(iter(again.val_dataloader()))
-    assert val.prompts == val.captions  # ...validation's never do
-    torch.testing.assert_close(val.text.pooled, again.encoder.encode(val.captions).pooled, atol=1e-5, rtol=1e-4)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert set(batch.captions) <= set(train)  # the originals: the conditioner turns them into what the encoder reads
+    assert len(batch.caption_draws) == 8 and set(batch.caption_draws) <= {0, 1, 2}
+    prompts = again.encode_captions(batch.captions, batch.caption_draws, training=True)
+    assert prompts.texts == [text.caption_augment.variants_of(c)[d] for c, d in zip(batch.captions, batch.caption_draws)]
+    assert any(prompt != caption for caption, prompt in zip(batch.captions, prompts.texts))
+    plain = again.text_encoder.encode(batch.captions)
+    assert not torch.equal(prompts.text.pooled, plain.pooled)  # training embeddings change...
+    val = next(iter(datamodule.val_dataloader()))
+    assert val.caption_draws is None
+    evaluated = again.encode_captions(val.captions)
+    assert evaluated.texts == val.captions  # ...validation's never do
+    torch.testing.assert_close(evaluated.text.pooled, again.text_encoder.encode(val.captions).pooled, atol=1e-5, rtol=1e-4)
 
 
-def test_trainable_encoder_gets_prompts_and_no_embeddings(imagefolder: Path, tmp_path: Path, monkeypatch) -> None:
+def test_trainable_encoder_gets_fresh_augmentations_and_no_cache(imagefolder: Path, tmp_path: Path, monkeypatch) -> None:
     from text2img.encoders import EmbeddingCache
 
     def no_lookup(*args, **kwargs):
         raise AssertionError("the embedding cache was consulted")
 
     monkeypatch.setattr(EmbeddingCache, "lookup", no_lookup)
-    datamodule = _augmenting_datamodule(imagefolder, tmp_path / "emb", mode="full")
-    datamodule.prepare_data()
+    datamodule, text = _augmenting(imagefolder, tmp_path / "emb", mode="full")
+    text.prepare(datamodule.caption_sets())
     datamodule.setup()
-    assert datamodule.table is None and not datamodule.encoder.is_loaded and not (tmp_path / "emb").exists()
+    text.setup(datamodule.caption_sets())
+    assert text.table is None and not (tmp_path / "emb").exists()
     torch.manual_seed(0)
     batch = next(iter(datamodule.train_dataloader()))
-    assert batch.text is None and len(batch.prompts) == len(batch.captions) == 8
-    assert any(prompt != caption for caption, prompt in zip(batch.captions, batch.prompts))
+    prompts = text.texts(batch.captions, batch.caption_draws, training=True)
+    assert len(prompts) == len(batch.captions) == 8
+    assert any(prompt != caption for caption, prompt in zip(batch.captions, prompts))
     torch.manual_seed(0)
-    assert next(iter(datamodule.train_dataloader())).prompts == batch.prompts  # seeded by the global generator
+    again = next(iter(datamodule.train_dataloader()))  # the draws are seeded by the loader
+    assert again.caption_draws == batch.caption_draws
+    assert text.texts(again.captions, again.caption_draws, training=True) == prompts
 
 
 def test_a_trainable_encoder_is_evaluated_with_its_frozen_reference(imagefolder: Path, tmp_path: Path) -> None:
     """The alignment metrics' text side stays the base model's, however far training moves the encoder."""
-    datamodule = _augmenting_datamodule(imagefolder, tmp_path / "emb", mode="full")
-    datamodule.prepare_data()
-    datamodule.setup()
-    captions, before = datamodule.prompts("val")
-    torch.testing.assert_close(before.pooled, datamodule.eval_encoder.encode(captions).pooled)
-    datamodule.encoder.load()
-    datamodule.encoder.eval()  # no dropout
+    datamodule, text = _augmenting(imagefolder, tmp_path / "emb", mode="full")
+    text.prepare(datamodule.caption_sets())
+    before = text.reference(datamodule.captions("val"))
+    torch.testing.assert_close(before.text.pooled, text.reference_encoder.encode(before.captions).pooled)
+    encoder = text.encoder
+    encoder.eval()  # no dropout
     with torch.no_grad():
-        untrained = datamodule.encoder.encode(captions).pooled
-        for param in datamodule.encoder.parameters():
+        untrained = encoder.encode(before.captions).pooled
+        for param in encoder.parameters():
             param.add_(0.1 * torch.randn_like(param))  # what training does to it
-        assert not torch.allclose(datamodule.encoder.encode(captions).pooled, untrained)
-    torch.testing.assert_close(before.pooled, untrained)  # the reference is the base
-    torch.testing.assert_close(datamodule.prompts("val")[1].pooled, before.pooled)
-    val = next(iter(datamodule.val_dataloader()))
-    assert val.text is None and val.prompts == val.captions
+        assert not torch.allclose(encoder.encode(before.captions).pooled, untrained)
+    torch.testing.assert_close(before.text.pooled, untrained)  # the reference is the base
+    torch.testing.assert_close(text.reference(datamodule.captions("val")).text.pooled, before.text.pooled)

@@ -62,12 +62,12 @@ def assert_bit_identical(images: dict[str, torch.Tensor]) -> None:
 def checkpoint_images(checkpoint: Path, export_folder: Path) -> dict[str, torch.Tensor]:
     """The shared prompt's images from the checkpoint (`Text2ImgModule.generate`, prompts encoded together)
     and from its export, keyed '<source> <batch>'; the comparison the AVX2 subprocess reruns."""
-    _, datamodule, model = load_model(str(checkpoint))
+    _, _, model = load_model(str(checkpoint))
     model.eval()
     pipe = Text2ImgPipeline.from_folder(export_folder)
     images = {}
     for source, generate in {
-        "checkpoint": lambda prompts, seeds: model.generate(datamodule.encoder.encode(prompts), seeds),
+        "checkpoint": lambda prompts, seeds: model.generate(model.conditioner.text_encoder.encode(prompts), seeds),
         "export": lambda prompts, seeds: pipe(prompts, seed=seeds, output_type="pt"),
     }.items():
         images |= {f"{source} {name}": image for name, image in shared_images(generate).items()}
@@ -76,8 +76,8 @@ def checkpoint_images(checkpoint: Path, export_folder: Path) -> dict[str, torch.
 
 @pytest.fixture(scope="module")
 def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _, datamodule, model = load_model(str(checkpoint))
-    return write_export(model.eval(), datamodule.encoder, tmp_path_factory.mktemp("export") / "model")
+    _, _, model = load_model(str(checkpoint))
+    return write_export(model.eval(), model.conditioner.text_encoder, tmp_path_factory.mktemp("export") / "model")
 
 
 def test_sample_writes_the_same_png_whatever_the_other_prompts(checkpoint: Path, tmp_path: Path) -> None:
@@ -90,8 +90,8 @@ def test_sample_writes_the_same_png_whatever_the_other_prompts(checkpoint: Path,
 
 
 def test_a_prompt_is_encoded_at_a_fixed_shape(checkpoint: Path) -> None:
-    _, datamodule, _ = load_model(str(checkpoint))
-    encodings = {name: datamodule.encoder.encode(prompts).tokens[0] for name, prompts in BATCHES.items()}
+    _, _, model = load_model(str(checkpoint))
+    encodings = {name: model.conditioner.text_encoder.encode(prompts).tokens[0] for name, prompts in BATCHES.items()}
     assert_bit_identical(encodings)  # before: 4.5e-7 apart beside a longer prompt (its padding)
 
 
@@ -132,10 +132,10 @@ def test_every_backend_draws_an_image_independently_of_its_batch(
     }[backend]
     torch.manual_seed(0)
     data = write_imagefolder(tmp_path / "data", n=8)
-    datamodule, model = build_model(compose_train(tmp_path, smoke_overrides(data, *overrides)))
+    _, model = build_model(compose_train(tmp_path, smoke_overrides(data, *overrides)))
     # as evaluation batches arrive: the text trimmed to the batch's longest prompt
     images = shared_images(lambda prompts, seeds: model.eval().generate(
-        datamodule.encoder.encode(prompts).trimmed(), seeds))
+        model.conditioner.text_encoder.encode(prompts).trimmed(), seeds))
     assert_bit_identical(images)
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import open_dict
 from torch import Tensor
 
 from conftest import compose_train
+from text2img.conditioning import TextConditioner
 from text2img.errors import ConfigError
 from text2img.generators import DiffusionGenerator, Generator
 from text2img.generators.diffusion import ImageEdit
@@ -40,7 +42,12 @@ def cfg(tmp_path_factory: pytest.TempPathFactory):
 
 def module_with(cfg, generator: Generator) -> Text2ImgModule:
     torch.manual_seed(0)
-    return instantiate(cfg.model, fusion=instantiate(cfg.fusion), generator=generator).eval()
+    model_cfg = cfg.model.copy()
+    with open_dict(model_cfg):
+        text_dim, caption_dropout = model_cfg.pop("text_dim"), model_cfg.pop("caption_dropout")
+    fusion = instantiate(cfg.fusion)
+    conditioner = TextConditioner(instantiate(cfg.encoder), "unused", text_dim, caption_dropout=caption_dropout)
+    return instantiate(model_cfg, fusion=fusion, generator=generator, conditioner=conditioner).eval()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def folded_model(cfg) -> Text2ImgModule:
 
 def prompts(model: Text2ImgModule, count: int) -> TextEmbedding:
     generator = torch.Generator().manual_seed(3)
-    dim = model.null_tokens.shape[1]
+    dim = model.conditioner.null_tokens.shape[1]
     return TextEmbedding(torch.randn(count, 5, dim, generator=generator), torch.ones(count, 5, dtype=torch.bool),
                          torch.randn(count, dim, generator=generator))
 

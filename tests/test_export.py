@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from text2img.run.compose import load_model
+from text2img.conditioning import TextConditioner
 from text2img.encoders import HFTextEncoder, TinyEncoder
 from text2img.errors import ConfigError
 from text2img.export import export, export_fusion, loader_files, write_export
@@ -66,8 +67,8 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def checkpoint_model(checkpoint: Path) -> tuple[Text2ImgModule, TinyEncoder]:
-    _, datamodule, model = load_model(str(checkpoint))
-    return model.eval(), datamodule.encoder
+    _, _, model = load_model(str(checkpoint))
+    return model.eval(), model.conditioner.text_encoder
 
 
 def test_export_gives_the_checkpoints_images(exported: Path, checkpoint_model) -> None:
@@ -108,7 +109,8 @@ def test_folder_loads_with_diffusers_own_classes(exported: Path, checkpoint_mode
         assert (exported / LOADER_PACKAGE / name).read_text() == (REPO_ROOT / "text2img" / source).read_text()
     assert "from text2img_pipeline import Text2ImgPipeline" in (exported / "README.md").read_text()
     null = load_file(exported / "fusion" / "null_text.safetensors")
-    assert torch.equal(null["tokens"], model.null_tokens) and torch.equal(null["pooled"], model.null_pooled)
+    null_tokens, null_pooled = model.conditioner.null_tokens, model.conditioner.null_pooled
+    assert torch.equal(null["tokens"], null_tokens) and torch.equal(null["pooled"], null_pooled)
 
 
 def test_fusion_program_takes_any_batch_and_length_and_holds_no_pickle(exported: Path, checkpoint_model) -> None:
@@ -217,7 +219,9 @@ def tiny_latent_module() -> tuple[Text2ImgModule, TinyEncoder]:
         sampler=get_class("diffusers.DDIMScheduler"), cond_dim=32, sample_steps=3, guidance_scale=2.0,
     )
     encoder = TinyEncoder(hidden_size=64, max_length=24, layer=-2)
-    model = Text2ImgModule(TokenProjection(64, 32, hidden_dim=48), generator, text_dim=64, optimizer=torch.optim.AdamW)
+    model = Text2ImgModule(
+        TokenProjection(64, 32, hidden_dim=48), generator, TextConditioner(encoder, "unused"), optimizer=torch.optim.AdamW
+    )
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
@@ -247,12 +251,12 @@ def test_an_ldm_checkpoint_exports_with_its_first_stage(tmp_path: Path) -> None:
     data = write_imagefolder(tmp_path / "data")
     overrides = ["generator=ldm", f"generator.first_stage.source={tmp_path / 'vae'}", "logger=csv", "test=false"]
     train(compose_train(tmp_path / "run", smoke_overrides(data, *overrides, "callbacks.sample_grid=null")))
-    _, datamodule, model = load_model(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
-    out = write_export(model, datamodule.encoder, tmp_path / "out")
+    _, _, model = load_model(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    out = write_export(model, model.conditioner.text_encoder, tmp_path / "out")
     scale = model.generator.latent_scale.item()
     assert scale > 0 and AutoencoderKL.from_pretrained(out / "vae").config.scaling_factor == scale
     images = Text2ImgPipeline.from_folder(out)(PROMPTS, seed=SEEDS, output_type="pt")
-    expected = model.eval().generate(datamodule.encoder.encode(PROMPTS), SEEDS)
+    expected = model.eval().generate(model.conditioner.text_encoder.encode(PROMPTS), SEEDS)
     assert images.shape == (4, 3, 32, 32) and (images - expected).abs().max() <= TOLERANCE
 
 
@@ -278,9 +282,9 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 def test_a_non_diffusion_checkpoint_is_refused(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, smoke_overrides(write_imagefolder(tmp_path / "data", n=8), "generator=vae"))
-    datamodule, model = build_model(cfg)
+    _, model = build_model(cfg)
     with pytest.raises(ConfigError) as error:
-        write_export(model, datamodule.encoder, tmp_path / "out", source={"checkpoint": "vae.ckpt"})
+        write_export(model, model.conditioner.text_encoder, tmp_path / "out", source={"checkpoint": "vae.ckpt"})
     assert one_line(error) == (
         "export writes diffusion models (generator=diffusion or generator=ldm); ckpt='vae.ckpt' holds a VAEGenerator"
     )
@@ -344,11 +348,12 @@ def tiny_pixel_module(fusion: FusionHead, time_vector: bool = False) -> tuple[Te
         sampler=DPMSolverMultistepScheduler, image_size=16, cond_dim=32, patch_size=2, sample_steps=3,
         guidance_scale=2.0, time_vector=time_vector,
     )
-    model = Text2ImgModule(fusion, generator, text_dim=64, optimizer=torch.optim.AdamW)
+    encoder = TinyEncoder(hidden_size=64, max_length=24)
+    model = Text2ImgModule(fusion, generator, TextConditioner(encoder, "unused"), optimizer=torch.optim.AdamW)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
-    return model.eval(), TinyEncoder(hidden_size=64, max_length=24)
+    return model.eval(), encoder
 
 
 @pytest.mark.parametrize("time_vector", [False, True], ids=["timestep_aware", "time_vector"])

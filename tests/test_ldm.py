@@ -116,7 +116,7 @@ def test_one_step_changes_unet_fusion_and_null_embedding_never_the_first_stage(t
     datamodule.prepare_data()
     datamodule.setup("fit")
     model.generator.calibrate(datamodule.calibration_images())
-    model.caption_dropout = 0.5  # some rows use the null embedding
+    model.conditioner.caption_dropout = 0.5  # some rows use the null embedding
     model.lr_scheduler_factory = None
     optimizer = model.configure_optimizers()["optimizer"]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -126,7 +126,7 @@ def test_one_step_changes_unet_fusion_and_null_embedding_never_the_first_stage(t
     optimizer.step()
 
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
-    assert "null_tokens" in changed  # (null_pooled feeds vector-conditioned backends only)
+    assert "conditioner.null_tokens" in changed  # (null_pooled feeds vector-conditioned backends only)
     for part in ("generator.unet.", "fusion."):
         names = {name for name in before if name.startswith(part)}
         assert names and names <= changed, sorted(names - changed)[:5]
@@ -139,18 +139,17 @@ def test_samples_are_images_and_do_not_depend_on_their_batch(tmp_path, imagefold
     cfg = compose_train(tmp_path, ldm_overrides(imagefolder, tiny_first_stage))
     datamodule, model = build_model(cfg)
     datamodule.setup("fit")
-    _, text = datamodule.prompts("train")
-    text = text[:4]
+    text = model.conditioner.reference(datamodule.captions("train")[:4]).text
     model.eval()
     with pytest.raises(RuntimeError, match="latent scale of generator=ldm is not set"):
         model.generate(text, seeds=[0, 1, 2, 3])
     model.generator.calibrate(datamodule.calibration_images())
     images = model.generator.sample(
-        text, model.null_text(4), model.fusion, [torch.Generator().manual_seed(s) for s in range(4)]
+        text, model.conditioner.unconditional(4), model.fusion, [torch.Generator().manual_seed(s) for s in range(4)]
     )
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1 and images.std() > 0
-    alone = model.generator.sample(text[2:3], model.null_text(1), model.fusion, [torch.Generator().manual_seed(2)])
+    alone = model.generator.sample(text[2:3], model.conditioner.unconditional(1), model.fusion, [torch.Generator().manual_seed(2)])
     # float noise of batched convolutions, amplified by the decoder: far below a grey level (1/127.5)
     torch.testing.assert_close(alone[0], images[2], atol=1e-4, rtol=0)
     assert not torch.allclose(images[0], images[1])

@@ -310,7 +310,7 @@ def test_a_tuned_encoder_is_exported_with_its_tuning(tmp_path: Path) -> None:
     encoder.load()
     add_lora(encoder.model, LoraSettings(rank=4), "peft")
     randomise_lora(encoder)
-    model.encoder = encoder
+    model.conditioner.encoder = encoder
     out = write_export(model, tiny, tmp_path / "out", copy_encoder=False)
     settings = json.loads((out / SETTINGS_FILE).read_text())["text_encoder"]
     assert settings["tuned"] is True and settings["weights"] == "text_encoder"

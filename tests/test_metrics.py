@@ -16,6 +16,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from conftest import eval_batch
 
+from text2img.conditioning import Prompts
 from text2img.metrics import ImageDistribution
 from text2img.networks import EfficientNetLite0Features
 
@@ -190,12 +191,14 @@ def test_preparing_metrics_leaves_the_runs_random_stream_alone():
             return {}
 
     datamodule = SimpleNamespace(
-        eval_split=lambda stage: stage, evaluated=lambda stage: True, prompts=lambda split: ([], None), source=None,
-        eval_encoder=None, cache=None,
+        eval_split=lambda stage: stage, evaluated=lambda stage: True, captions=lambda split: [], source=None,
+    )
+    conditioner = SimpleNamespace(
+        reference=lambda captions: Prompts([], [], None), reference_encoder=None, cache=None
     )
     trainer = SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    Evaluation({"cache": BuildsACache()}, cache_dir="unused").setup(trainer, None, "fit")
+    Evaluation({"cache": BuildsACache()}, cache_dir="unused").setup(trainer, SimpleNamespace(conditioner=conditioner), "fit")
     assert torch.equal(torch.rand(3), expected)

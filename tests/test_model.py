@@ -7,6 +7,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from functools import partial
 
 from text2img.callbacks.ema import warmup_ema_
+from text2img.conditioning import TextConditioner
+from text2img.encoders.tiny import TinyEncoder
 from text2img.errors import ConfigError
 from text2img.fusion import TokenProjection
 from text2img.generators import check_compatible
@@ -155,33 +157,13 @@ def test_patch_size_must_divide_image_size():
 
 
 def make_module(caption_dropout: float) -> Text2ImgModule:
+    fusion, generator = TokenProjection(TEXT_DIM, COND_DIM), tiny_generator()
     return Text2ImgModule(
-        fusion=TokenProjection(TEXT_DIM, COND_DIM),
-        generator=tiny_generator(),
-        text_dim=TEXT_DIM,
+        fusion=fusion,
+        generator=generator,
+        conditioner=TextConditioner(TinyEncoder(TEXT_DIM), "unused", caption_dropout=caption_dropout),
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
-        caption_dropout=caption_dropout,
     )
-
-
-def test_caption_dropout_replaces_rows_with_the_null_embedding():
-    batch = text(256)
-    assert make_module(0.0).drop_captions(batch) is batch
-    module = make_module(0.5)
-    torch.manual_seed(0)
-    dropped = module.drop_captions(batch)
-    is_null = (dropped.mask.sum(1) == 1) & torch.all(dropped.tokens[:, 0] == module.null_tokens[0], dim=1)
-    assert 0.35 < is_null.float().mean() < 0.65
-    assert torch.equal(dropped.tokens[~is_null], batch.tokens[~is_null])
-    assert torch.all(dropped.tokens[is_null, 1:] == 0)
-    # the null embedding is learned: gradients reach it through the dropped rows
-    module.generator.training_loss(torch.zeros(256, 3, 16, 16), dropped, module.fusion).backward()
-    assert module.null_tokens.grad.abs().sum() > 0
-
-
-def test_caption_dropout_out_of_range():
-    with pytest.raises(ValueError, match="caption_dropout=1.0 must be in"):
-        make_module(1.0)
 
 
 def test_generate_is_reproducible_and_in_unit_range():

@@ -112,35 +112,37 @@ def test_bad_settings_raise_one_line_errors(tiny_lm: Path, tmp_path: Path) -> No
         PromptExpander(cache_dir=tmp_path, model=str(tiny_lm), max_new_tokens=0)
 
 
-def test_datamodule_encodes_expansions_and_keeps_captions(tiny_lm: Path, imagefolder: Path, tmp_path: Path) -> None:
+def test_the_conditioner_encodes_expansions_and_the_batches_keep_captions(
+    tiny_lm: Path, imagefolder: Path, tmp_path: Path
+) -> None:
+    from text2img.conditioning import TextConditioner
     from text2img.data import ImageFolderSource
     from text2img.lightning import Text2ImgDataModule
 
-    def datamodule(**options) -> Text2ImgDataModule:
-        source = ImageFolderSource(imagefolder, image_size=32, val_fraction=0.2, test_fraction=0.2)
-        return Text2ImgDataModule(source, TinyEncoder(max_length=64), str(tmp_path / "emb"), batch_size=4, **options)
-
-    plain = datamodule()
-    plain.setup()
+    source = ImageFolderSource(imagefolder, image_size=32, val_fraction=0.2, test_fraction=0.2)
+    datamodule = Text2ImgDataModule(source, batch_size=4)
+    datamodule.setup()
+    captions = datamodule.caption_sets()
+    plain = TextConditioner(TinyEncoder(max_length=64), tmp_path / "emb")
+    plain.setup(captions)
     prompts = expander(tiny_lm, tmp_path / "exp", sample=False)
-    expanding = datamodule(expander=prompts)
-    expanding.prepare_data()
+    expanding = TextConditioner(TinyEncoder(max_length=64), tmp_path / "emb", expander=prompts)
+    expanding.prepare(captions)
     assert not prompts.is_loaded  # unloaded once every caption is expanded
-    expanding.setup()
-    train_captions = sorted(set(expanding.source.split("train").captions))
+    expanding.setup(captions)
+    train_captions = captions.train
     expansions = prompts.expand(train_captions)
     assert expansions != train_captions
     # the embedding cache holds the expansions: they are what the table rows embed
-    assert set(expansions) <= set(expanding.row_of) and not set(train_captions) & set(expanding.row_of)
-    batch = next(iter(expanding.train_dataloader()))
-    assert batch.prompts == [dict(zip(train_captions, expansions))[c] for c in batch.captions]
-    assert batch.captions[0] in train_captions
+    assert set(expansions) <= set(expanding.table.row_of) and not set(train_captions) & set(expanding.table.row_of)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.captions[0] in train_captions  # the data module serves captions; the conditioner expands them
+    assert expanding.texts(batch.captions, training=True) == [dict(zip(train_captions, expansions))[c] for c in batch.captions]
     # sample=false: validation reads the captions as they are, with the embeddings of a plain run
-    val = next(iter(expanding.val_dataloader()))
-    assert val.prompts == val.captions
-    torch.testing.assert_close(val.text.tokens, next(iter(plain.val_dataloader())).text.tokens)
-    texts, _ = expanding.sampling_prompts(["red apple"])
-    assert texts == ["red apple"]
+    val = next(iter(datamodule.val_dataloader()))
+    assert expanding.texts(val.captions) == val.captions
+    torch.testing.assert_close(expanding.encode_captions(val.captions).text.tokens, plain.encode_captions(val.captions).text.tokens)
+    assert expanding.sampling(["red apple"]).texts == ["red apple"]
 
 
 @pytest.mark.slow
@@ -155,14 +157,13 @@ def test_packaged_smollm2_expands_a_caption(tmp_path: Path, asset_cache_dir: Pat
 def test_sampling_prompts_are_expanded_when_sample_is_on(
     tiny_lm: Path, imagefolder: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from text2img.data import ImageFolderSource
-    from text2img.lightning import Text2ImgDataModule
+    from text2img.conditioning import TextConditioner
 
-    source = ImageFolderSource(imagefolder, image_size=32, val_fraction=0.2, test_fraction=0.2)
     prompts = expander(tiny_lm, tmp_path / "exp", train=False)
-    datamodule = Text2ImgDataModule(source, TinyEncoder(max_length=64), str(tmp_path / "emb"), expander=prompts)
+    conditioner = TextConditioner(TinyEncoder(max_length=64), tmp_path / "emb", expander=prompts)
     [expected] = prompts.expand(["red apple"])
     never_load(monkeypatch)  # cached now: sampling reads the expansion
-    texts, text = datamodule.sampling_prompts(["red apple"])
+    sampled = conditioner.sampling(["red apple"])
+    texts, text = sampled.texts, sampled.text
     assert texts == [expected] != ["red apple"]
     torch.testing.assert_close(text.pooled, TinyEncoder(max_length=64).encode([expected]).pooled, atol=1e-5, rtol=1e-4)

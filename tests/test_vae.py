@@ -8,6 +8,8 @@ import torch
 from conftest import compose_train, smoke_overrides
 from diffusers import AutoencoderKL
 
+from text2img.conditioning import TextConditioner
+from text2img.encoders import TinyEncoder
 from text2img.errors import ConfigError
 from text2img.fusion import TokenProjection
 from text2img.generators import check_compatible
@@ -133,10 +135,9 @@ def module(conditional: bool) -> Text2ImgModule:
     return Text2ImgModule(
         fusion=head(),
         generator=tiny_vae(conditional=conditional),
-        text_dim=TEXT_DIM,
+        conditioner=TextConditioner(TinyEncoder(hidden_size=TEXT_DIM), "unused", caption_dropout=0.0),
         optimizer=partial(torch.optim.Adam, lr=1e-3),
         lr_scheduler=None,
-        caption_dropout=0.0,
     )
 
 
@@ -149,7 +150,7 @@ def test_optimisation_changes_the_vae_and_head_and_nothing_else(conditional):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     # two steps: the prior's output layer starts at zero, so its first layer gets gradients from the second on
     for _ in range(2):
-        loss = model.training_step(Batch(squares(4), [""] * 4, text(4)), 0)
+        loss = model.training_step(Batch(squares(4), ["a red square"] * 4), 0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

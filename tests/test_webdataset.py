@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, compose_train
 from text2img.data import WebDatasetSource
 from text2img.errors import ConfigError
 from text2img.lightning import WebDataModule
-from text2img.run.compose import build
+from text2img.run.compose import build, build_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -152,7 +152,7 @@ def test_splits_are_read_whole_resized_and_the_train_reference_is_fixed(shards):
 
 def test_config_composes_and_mistakes_are_one_line(shards, tmp_path):
     cfg = compose_train(tmp_path, data_overrides(shards))
-    datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+    datamodule = build_data(cfg)
     assert isinstance(datamodule, WebDataModule) and isinstance(datamodule.source, WebDatasetSource)
     assert len(datamodule.source.urls["train"]) == SHARDS
 
@@ -175,13 +175,13 @@ def test_config_composes_and_mistakes_are_one_line(shards, tmp_path):
 def test_epoch_samples_fixes_the_batches_per_epoch(shards, tmp_path):
     cfg = compose_train(tmp_path, data_overrides(shards, "data.num_workers=0", "data.batch_size=4",
                                                  "data.epoch_samples=12"))
-    datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+    datamodule = build_data(cfg)
     loader = datamodule.train_dataloader()
     # 12 samples -> 3 batches of 4, in every epoch, though the shards hold 22 usable samples
     for _ in range(2):
         batches = list(loader)
         assert [len(batch) for batch in batches] == [4, 4, 4]
-        assert batches[0].text is None and batches[0].prompts == batches[0].captions
+        assert batches[0].caption_draws is None  # no caption augmentation: nothing drawn
 
 
 def test_smoke_training_streams_and_encodes_on_the_fly(shards, tmp_path):
@@ -198,7 +198,7 @@ def test_smoke_training_streams_and_encodes_on_the_fly(shards, tmp_path):
 
 def test_dataloader_workers_read_every_sample_once_per_epoch(shards, tmp_path):
     cfg = compose_train(tmp_path, data_overrides(shards, "data.num_workers=2", "data.batch_size=1"))
-    datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+    datamodule = build_data(cfg)
     loader = datamodule.train_dataloader()
     epochs = [[caption for batch in loader for caption in batch.captions] for _ in range(2)]
     for captions in epochs:

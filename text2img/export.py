@@ -202,11 +202,11 @@ def write_export(
 
     The folder appears whole or not at all (written beside it, then renamed). `source` is provenance for
     text2img.json (checkpoint path, step). LoRA adapters are merged into copies of their bases, so the folder
-    holds plain diffusers/transformers models. A text encoder trained with the model (`model.encoder`, set
-    when it is trainable) is exported in place of `encoder`, always copied.
+    holds plain diffusers/transformers models. A text encoder trained with the model (`model.conditioner.encoder`,
+    set when it is trainable) is exported in place of `encoder`, always copied.
     """
     source = source or {}
-    tuned_encoder = getattr(model, "encoder", None)
+    tuned_encoder = model.conditioner.encoder
     if tuned_encoder is not None:
         if not isinstance(tuned_encoder, HFTextEncoder):
             raise ConfigError(
@@ -228,7 +228,7 @@ def write_export(
         # The timesteps' dtype once set (some samplers hold float placeholders before): what the loader passes.
         sampler.set_timesteps(generator.sample_steps)
         export_fusion(model.fusion, sampler.timesteps.dtype, tmp / pipeline.FUSION_FILE, vector=generator.time_vector)
-        null_text = {"tokens": model.null_tokens, "pooled": model.null_pooled}
+        null_text = {"tokens": model.conditioner.null_tokens, "pooled": model.conditioner.null_pooled}
         save_file({name: value.detach().float().contiguous() for name, value in null_text.items()},
                   tmp / pipeline.NULL_TEXT_FILE)
         settings = {
@@ -354,8 +354,8 @@ def export(cfg: DictConfig) -> Path:
         # before the model is built: fail fast
         check_out(out, cfg.overwrite)
         check_diffusion(get_class(load_checkpoint(cfg.ckpt)["text2img_config"]["generator"]["_target_"]), cfg.ckpt)
-        checkpoint, datamodule, model = load_model(cfg.ckpt)
-        encoder = datamodule.encoder
+        checkpoint, _, model = load_model(cfg.ckpt)
+        encoder = model.conditioner.text_encoder
         if not isinstance(encoder, HFTextEncoder):
             raise ConfigError(
                 f"export needs a transformers text encoder; ckpt='{cfg.ckpt}' uses {type(encoder).__name__}"

@@ -190,11 +190,12 @@ def sample(cfg: DictConfig) -> Sampled:
         if cfg.out and Path(cfg.out).expanduser().is_file():
             raise ConfigError(f"out='{cfg.out}' is a file; pass a folder (new or existing) for the images")
         device = check_device(cfg.device)
-        checkpoint, datamodule, model = load_model(cfg.ckpt)
+        checkpoint, _, model = load_model(cfg.ckpt)
         edit = load_edit(cfg, model.generator.image_size)
         model.to(device).eval()
         # Not trimmed to the longest prompt: an image does not depend on the lengths of its batch neighbours.
-        encoder_texts, text = datamodule.sampling_prompts(prompts)
+        encoded = model.conditioner.sampling(prompts)
+        encoder_texts, text = encoded.texts, encoded.text
         entries = [
             (i, prompt, image_seed(cfg.seed, i, cfg.n, j)) for i, prompt in enumerate(prompts) for j in range(cfg.n)
         ]

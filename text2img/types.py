@@ -85,22 +85,24 @@ class Conditioning:
 
 @dataclass
 class Batch:
-    """One training or evaluation batch.
+    """One training or evaluation batch, as the data module serves it: images and captions, no text embeddings (the
+    LightningModule's `TextConditioner` turns captions into those).
 
-    images:   [B, 3, H, W] float in [-1, 1]
-    captions: the original captions (for grids, metrics and logging)
-    text:     cached embeddings of `prompts` when the encoder is frozen, else None
-    prompts:  the text the encoder reads for each caption: the caption, augmented (training only, see
-              `CaptionAugment`) and/or rewritten by a `PromptExpander`; a trainable encoder encodes these
+    images:        [B, 3, H, W] float in [-1, 1]
+    captions:      the original captions (for the conditioner, grids, metrics and logging)
+    keys:          [B] int64 position in an evaluation set (see EvalOutputs.keys)
+    latents:       [B, 2C, h, w] cached posterior (mean, log-variance) of a frozen first stage, for latent backends
+    caption_draws: each training item's draw in [0, `TextConditioner.caption_draws`), made by the data loader from
+                   torch's generator: which cached variant of its caption the encoder reads, or the seed of its
+                   augmentation; None: no draw (the caption's one text). Python ints: they stay on the host, so
+                   reading them in a step never waits for a device
     """
 
     images: Tensor
     captions: list[str]
-    text: TextEmbedding | None = None
-    keys: Tensor | None = None  # [B] int64 position in an evaluation set (see EvalOutputs.keys)
-    # [B, 2C, h, w] cached posterior (mean, log-variance) of a frozen first stage, for latent backends
+    keys: Tensor | None = None
     latents: Tensor | None = None
-    prompts: list[str] | None = None
+    caption_draws: list[int] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

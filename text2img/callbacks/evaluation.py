@@ -36,23 +36,27 @@ class Evaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for eval_stage in STAGES.get(stage, ()):
             if eval_stage not in self.stage_metrics:
-                self.stage_metrics[eval_stage] = self._prepared_metrics(trainer, eval_stage)
+                self.stage_metrics[eval_stage] = self._prepared_metrics(trainer, pl_module, eval_stage)
 
-    def _prepared_metrics(self, trainer: L.Trainer, stage: str) -> dict[str, EvalMetric]:
+    def _prepared_metrics(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str
+    ) -> dict[str, EvalMetric]:
         datamodule = trainer.datamodule
         if not datamodule.evaluated(stage):  # a split too small to evaluate (the data module warned)
             return {}
         split = datamodule.eval_split(stage)
-        prompts, prompt_text = datamodule.prompts(split)
+        conditioner = pl_module.conditioner
+        # the frozen text side, also when the encoder trains
+        prompts = conditioner.reference(datamodule.captions(split))
         context = EvalContext(
             source=datamodule.source,
             split=split,
-            encoder=datamodule.eval_encoder,  # the frozen text side, also when the encoder trains
-            embeddings=datamodule.cache,
+            encoder=conditioner.reference_encoder,
+            embeddings=conditioner.cache,
             features=RealFeatureCache(self.cache_dir / "features"),
             cache_dir=self.cache_dir,
-            prompts=prompts,
-            prompt_text=prompt_text,
+            prompts=prompts.captions,
+            prompt_text=prompts.text,
             device=trainer.strategy.root_device,
         )
         metrics = {name: copy.deepcopy(metric) for name, metric in self.prototypes.items()}

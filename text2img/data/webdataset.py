@@ -41,15 +41,14 @@ import webdataset as wds
 from torch import Tensor
 
 from text2img.data.base import ArrayImageDataset, Transform, Unusable, uint8_to_tensor
-from text2img.data.caption_augment import CaptionAugment
 from text2img.data.imagefolder import _UNREADABLE, load_rgb_square
 from text2img.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# image, caption, the text the encoder reads for it (the caption, augmented with `caption_augment`)
-StreamItem = tuple[Tensor, str, str]
+# image, caption, the caption's draw in [0, caption_draws) (None: no draw; see `text2img.types.Batch.caption_draws`)
+StreamItem = tuple[Tensor, str, int | None]
 
 
 def expand_shards(shards: str | Sequence[str], option: str) -> list[str]:
@@ -187,19 +186,19 @@ class BufferShuffle:
 
 @dataclass
 class TrainItems:
-    """A webdataset stage: decoded samples -> training items, images augmented by `augment`, captions by
-    `caption_augment` (a fresh draw per sample, from torch's generator)."""
+    """A webdataset stage: decoded samples -> training items, images augmented by `augment`, each caption with its
+    draw in [0, `caption_draws`) from torch's generator when `caption_draws` > 1 (the seed of its augmentation)."""
 
     augment: Transform | None
-    caption_augment: CaptionAugment | None
+    caption_draws: int = 1
 
     def __call__(self, samples: Iterable[tuple[np.ndarray, str]]) -> Iterator[StreamItem]:
         for image, caption in samples:
             tensor = uint8_to_tensor(image)
             if self.augment is not None:
                 tensor = self.augment(tensor)
-            prompt = caption if self.caption_augment is None else self.caption_augment(caption)
-            yield tensor, caption, prompt
+            draw = int(torch.randint(self.caption_draws, ())) if self.caption_draws > 1 else None
+            yield tensor, caption, draw
 
 
 class WebDatasetSource:
@@ -286,7 +285,7 @@ class WebDatasetSource:
         rank: int = 0,
         world_size: int = 1,
         samples_per_reader: int | None = None,
-        caption_augment: CaptionAugment | None = None,
+        caption_draws: int = 1,
     ) -> wds.WebDataset:
         """The training samples of process `rank` of `world_size`: an IterableDataset of `StreamItem`s.
 
@@ -305,5 +304,5 @@ class WebDatasetSource:
         )
         if self.shuffle_buffer > 0:
             stream = stream.compose(BufferShuffle(self.shuffle_buffer))
-        stream = stream.compose(SampleDecoder(self.image_size, self.strict), TrainItems(self.augment, caption_augment))
+        stream = stream.compose(SampleDecoder(self.image_size, self.strict), TrainItems(self.augment, caption_draws))
         return stream if samples_per_reader is None else stream.with_epoch(samples_per_reader)

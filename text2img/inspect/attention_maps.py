@@ -27,7 +27,7 @@ from text2img.fusion.token_projection import TokenProjection
 from text2img.generators.diffusion import DiffusionGenerator
 from text2img.generators.gan import GANGenerator
 from text2img.generators.gan_blocks import TokenCrossAttention
-from text2img.lightning import Text2ImgDataModule, Text2ImgModule
+from text2img.lightning import Text2ImgModule
 from text2img.pipeline import tokenize
 
 
@@ -176,7 +176,6 @@ def token_labels(encoder: TextEncoder, text: str, count: int) -> list[str]:
 @torch.no_grad()
 def cross_attention_maps(
     model: Text2ImgModule,
-    datamodule: Text2ImgDataModule,
     prompt: str,
     seed: int = 0,
     guidance_scale: float | None = None,
@@ -184,15 +183,15 @@ def cross_attention_maps(
 ) -> CrossAttentionMaps:
     """Generate the image of `prompt` with `seed` (the one `text2img.sample` draws, bit for bit) and record each
     conditioning token's cross-attention map; `guidance_scale` and `steps` default to the checkpoint generator's."""
-    encoder_texts, text = datamodule.sampling_prompts([prompt])
-    text = text.to(model.device)
+    encoded = model.conditioner.sampling([prompt])
+    encoder_texts, text = encoded.texts, encoded.text.to(model.device)
     recorded = AttentionSum(rows=1)  # row 0 of the generation chunk: the prompt, not the chunk's filling copies
     with recording_cross_attention(model.generator, recorded):
         image = model.generate(text, [seed], guidance_scale=guidance_scale, steps=steps)[0].cpu()
     maps = recorded.mean_maps(*image.shape[1:])[0].cpu()
     if isinstance(model.fusion, TokenProjection):
         maps = maps[: int(text.mask[0].sum())]  # the prompt's tokens; padding is never attended
-        tokens = token_labels(datamodule.encoder, encoder_texts[0], len(maps))
+        tokens = token_labels(model.conditioner.text_encoder, encoder_texts[0], len(maps))
     else:
         tokens = [f"latent {i}" for i in range(len(maps))]
     return CrossAttentionMaps(prompt, encoder_texts[0], tokens, maps, image)

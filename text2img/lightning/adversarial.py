@@ -9,18 +9,18 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 
-from text2img.encoders.hf import HFTextEncoder
+from text2img.conditioning import TextConditioner
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.gan import GANGenerator
 from text2img.lightning.module import Text2ImgModule
-from text2img.utils.lora import LoraSettings
 from text2img.networks.effnet import EfficientNetLite0Features
 from text2img.networks.features import RealFeatureCache
 from text2img.networks.frozen import ImageFeatureExtractor
 from text2img.networks.lit import LiTConfig, LiTEvaluator, load_or_train_lit
 from text2img.types import Batch, TextEmbedding
+from text2img.utils.lora import LoraSettings
 
 
 class LiTAlignmentLoss:
@@ -67,17 +67,15 @@ class AdversarialModule(Text2ImgModule):
         self,
         fusion: FusionHead,
         generator: Generator,
-        text_dim: int,
+        conditioner: TextConditioner,
         optimizer: Callable[..., torch.optim.Optimizer],
         discriminator_optimizer: Callable[..., torch.optim.Optimizer],
-        caption_dropout: float = 0.0,
         eval_seed: int = 1234,
         text_length: int | None = None,
         gradient_clip_val: float | None = None,
         alignment_weight: float = 0.0,
         alignment_seed: int = 1,
         alignment_cache_dir: str = ".cache/eval",
-        encoder: HFTextEncoder | None = None,
         init_from: str | None = None,
         generator_lora: LoraSettings | None = None,
         nonfinite_loss: str = "stop",
@@ -88,16 +86,16 @@ class AdversarialModule(Text2ImgModule):
                 f"model=gan trains adversarial generators but got {type(generator).__name__}; use generator=gan, "
                 "or model=default for this generator"
             )
-        if encoder is not None:
+        if conditioner.encoder is not None:
             # Both optimisers' losses would backpropagate into the one text forward per batch.
             raise ConfigError(
-                f"generator=gan trains with a frozen text encoder, not encoder.mode={encoder.mode}; drop peft=lora and "
-                "set encoder.mode=frozen"
+                f"generator=gan trains with a frozen text encoder, not encoder.mode={conditioner.encoder.mode}; drop "
+                "peft=lora and set encoder.mode=frozen"
             )
         if alignment_weight < 0:
             raise ConfigError(f"model.alignment_weight={alignment_weight} is negative; use 0 (off) or more")
         super().__init__(
-            fusion, generator, text_dim, optimizer, None, caption_dropout, eval_seed, text_length, init_from=init_from,
+            fusion, generator, conditioner, optimizer, None, eval_seed, text_length, init_from=init_from,
             generator_lora=generator_lora, nonfinite_loss=nonfinite_loss, max_consecutive_skips=max_consecutive_skips,
         )
         self.automatic_optimization = False
@@ -121,14 +119,14 @@ class AdversarialModule(Text2ImgModule):
             self.alignment = self._alignment_loss()
 
     def _alignment_loss(self) -> LiTAlignmentLoss:
-        datamodule = self.trainer.datamodule
+        source = self.trainer.datamodule.source  # its images and captions
         cache = Path(self.alignment_cache_dir).expanduser()
         extractor = EfficientNetLite0Features().to(self.device)
         # Trained with `alignment_seed`, a different seed from the alignment metric's (metrics.alignment.seed,
         # 0): the generator learns from another text tower than the one that scores it, so training does not
         # directly game the metric. (Both share the locked EfficientNet image side.)
         evaluator = load_or_train_lit(
-            datamodule.source, datamodule.encoder, datamodule.cache, RealFeatureCache(cache / "features"),
+            source, self.conditioner.reference_encoder, self.conditioner.cache, RealFeatureCache(cache / "features"),
             extractor, cache / "lit", LiTConfig(), self.alignment_seed,
         )
         return LiTAlignmentLoss(evaluator.to(self.device), extractor)
@@ -144,7 +142,7 @@ class AdversarialModule(Text2ImgModule):
     def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor] | None:
         generator_optimizer, discriminator_optimizer = self.optimizers()
         gan = self.generator
-        text = self.drop_captions(self.text_of(batch))
+        text = self.conditioner.drop(self.conditioner.encode_captions(batch.captions, batch.caption_draws, True).text)
         # One generated batch serves both steps: detached for the discriminator, through the updated
         # discriminator for the generator (DF-GAN), which saves a generator forward per batch.
         fake = gan.fake(text, self.fusion, gan.training_noise(len(batch), self.device))

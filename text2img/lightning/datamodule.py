@@ -1,5 +1,5 @@
-"""Data module: image/caption splits joined with the text their encoder reads (the caption, augmented and/or
-expanded), that text's cached embedding (and, for latent backends, their cached first-stage latents)."""
+"""Data module: image/caption splits, keyed evaluation sets and, for latent backends, cached first-stage latents.
+Text embeddings are the LightningModule's `TextConditioner`'s: this module serves captions only."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -16,15 +16,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from text2img.conditioning import CaptionSets
 from text2img.data.base import ImageCaptionSource
-from text2img.data.caption_augment import CaptionAugment
-from text2img.encoders.base import TextEncoder
-from text2img.encoders.cache import EmbeddingCache
 from text2img.errors import ConfigError
 from text2img.generators.first_stage import FirstStage
 from text2img.generators.latent_cache import LatentCache
-from text2img.prompts import PromptExpander
-from text2img.types import Batch, TextEmbedding
+from text2img.types import Batch
 
 log = logging.getLogger(__name__)
 
@@ -33,40 +30,33 @@ SPLITS = ("train", "val", "test")
 MIN_EVAL_IMAGES = 2
 
 
-# image, caption, the text the encoder reads for it, that text's row in the embedding table (None with a
-# trainable encoder), key, cached first-stage moments (or None)
-Item = tuple[torch.Tensor, str, str, int | None, int, torch.Tensor | None]
+# image, caption, the caption's draw (None: no draw), key, cached first-stage moments (or None)
+Item = tuple[torch.Tensor, str, int | None, int, torch.Tensor | None]
 
 
-class EmbeddedSplit(Dataset):
-    """One split of a source, each item carrying the text the encoder reads for its caption and, with a
-    frozen encoder, that text's row in the embedding table.
+class KeyedSplit(Dataset):
+    """One split of a source, its items keyed by their position in `order` (default: the split's own order).
 
-    `prompts` maps each caption to the texts the encoder may read for it; an item draws one of them (the
-    cached variants of an augmented training caption) and, with `augment` (a trainable encoder's training
-    split), augments it on the fly, both from torch's global generator, which Lightning seeds (in DataLoader
-    workers too). Items are keyed by their position in `order` (default: the split's own order). With `size`
-    larger than the split, positions wrap around: prompts repeat and, keyed differently, get new seeds.
-    `latents` holds each image's cached first-stage moments, in the split's order, or is None.
+    With `caption_draws` > 1 (training), each item draws an integer in [0, caption_draws) from torch's global
+    generator, which the training loader seeds per batch (and Lightning in DataLoader workers): the
+    `TextConditioner`'s choice of text for the caption (`Batch.caption_draws`). With `size` larger than the split,
+    positions wrap around: captions repeat and, keyed differently, get new seeds. `latents` holds each image's
+    cached first-stage moments, in the split's order, or is None.
     """
 
     def __init__(
         self,
         images: Dataset,
-        prompts: dict[str, list[str]],
-        row_of: dict[str, int] | None,
         order: list[int] | None = None,
         size: int | None = None,
         latents: torch.Tensor | None = None,
-        augment: CaptionAugment | None = None,
+        caption_draws: int = 1,
     ):
         self.images = images
-        self.prompts = prompts
-        self.row_of = row_of
         self.order = order if order is not None else list(range(len(images)))
         self.size = len(images) if size is None else size
         self.latents = latents
-        self.augment = augment
+        self.caption_draws = caption_draws
 
     def __len__(self) -> int:
         return self.size
@@ -74,13 +64,9 @@ class EmbeddedSplit(Dataset):
     def __getitem__(self, key: int) -> Item:
         index = self.order[key % len(self.order)]
         image, caption = self.images[index]
-        choices = self.prompts[caption]
-        prompt = choices[int(torch.randint(len(choices), ()))] if len(choices) > 1 else choices[0]
-        if self.augment is not None:
-            prompt = self.augment(prompt)
-        row = None if self.row_of is None else self.row_of[prompt]
+        draw = int(torch.randint(self.caption_draws, ())) if self.caption_draws > 1 else None
         latent = None if self.latents is None else self.latents[index]
-        return image, caption, prompt, row, key, latent
+        return image, caption, draw, key, latent
 
 
 def run_seed() -> int:
@@ -154,51 +140,33 @@ class ResumableTrainLoader(DataLoader):
 
 
 class Text2ImgDataModule(L.LightningDataModule):
-    """Serves `Batch`es whose text embeddings come from the on-disk cache.
+    """Serves `Batch`es of images, captions and keys (and, after `cache_latents`, the training images' cached
+    first-stage latents: encoded once in `prepare_data`, read in `setup` and served in `Batch.latents`).
 
-    `prepare_data` (one process per node) fills the cache for every caption of every split, loading
-    the language model only if some caption is missing, and unloads it afterwards; `setup` (every
-    process) then reads the cache, which never loads the model. After `cache_latents`, the training
-    split's first-stage latents are handled the same way: encoded once in `prepare_data`, read in `setup`
-    and served in `Batch.latents`.
-
-    What the encoder reads (`Batch.prompts`; `Batch.captions` keep the originals): with `expander`, the
-    expansions of the training captions (`expander.train`) and of the evaluation ones (`expander.sample`),
-    expanded in `prepare_data` and cached like embeddings; with `caption_augment`, augmented training
-    captions (after expansion): `caption_augment.variants` fixed versions of each, cached and drawn from at
-    random, with a frozen encoder; a fresh draw per step with a trainable one. A trainable encoder
-    (`encoder.trainable`) gets no embeddings at all (`Batch.text` is None): the model encodes `Batch.prompts`.
-
-    `reference_encoder`, given with a trainable encoder, is its frozen base: the evaluation's text side (the
-    alignment evaluator and the prompts it ranks) reads its cached embeddings, so that the yardstick is the
-    same before, during and after training, and the same as a frozen run's.
+    The text side is the LightningModule's `TextConditioner`, which asks this module for its captions
+    (`caption_sets`); training items carry their caption's draw (`caption_draws`, see `KeyedSplit`).
     """
+
+    # Training captions read from a stream, not known up front (the conditioner cannot cache their variants).
+    streams_training_captions = False
 
     def __init__(
         self,
         source: Any,
-        encoder: TextEncoder,
-        embedding_cache_dir: str,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
         val_samples: int | None = None,
         eval_samples: int | None = None,
         test_split: str = "test",
-        caption_augment: CaptionAugment | None = None,
-        expander: PromptExpander | None = None,
-        reference_encoder: TextEncoder | None = None,
+        caption_draws: int = 1,
     ) -> None:
         super().__init__()
-        if encoder.trainable != (reference_encoder is not None) or getattr(reference_encoder, "trainable", False):
-            raise ValueError("give a reference_encoder (frozen) exactly when the encoder trains")
         for name, value in (("data.val_samples", val_samples), ("n_samples (data.eval_samples)", eval_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be a positive number of images, or null for one per prompt")
         self.source = source
-        self.encoder = encoder
-        self.eval_encoder = encoder if reference_encoder is None else reference_encoder
-        self.cache = EmbeddingCache(embedding_cache_dir)
+        self.caption_draws = caption_draws
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -213,13 +181,9 @@ class Text2ImgDataModule(L.LightningDataModule):
                 f"(data.source.val_fraction={source.val_fraction}, data.source.test_fraction={source.test_fraction}); "
                 "lower those fractions or add samples with other captions"
             )
-        self.caption_augment = caption_augment if caption_augment is not None and caption_augment.enabled else None
-        self.expander = expander
-        self.splits: dict[str, EmbeddedSplit] = {}
+        self.splits: dict[str, KeyedSplit] = {}
         # What the test stage evaluates: `test_split` as `eval_samples` keyed samples.
-        self.test_set: EmbeddedSplit | None = None
-        self.table: TextEmbedding | None = None
-        self.row_of: dict[str, int] = {}
+        self.test_set: KeyedSplit | None = None
         self.latent_cache: LatentCache | None = None
 
     def cache_latents(self, first_stage: FirstStage, cache_dir: str) -> None:
@@ -232,56 +196,26 @@ class Text2ImgDataModule(L.LightningDataModule):
             )
         self.latent_cache = LatentCache(cache_dir, first_stage)
 
-    def encoder_texts(self, captions: Sequence[str], training: bool, device: torch.device | str = "cpu") -> list[str]:
-        """What the encoder reads for each caption, before augmentation: its expansion where prompt expansion is
-        on for training (`training`) or for evaluation and sampling, else the caption itself."""
-        if self.expander is None or not self.expander.enabled_for(training):
-            return list(captions)
-        return self.expander.expand(captions, device)
+    def captions(self, split: str) -> list[str]:
+        """The distinct captions of a split, sorted."""
+        return sorted(set(self.source.split(split).captions))
 
-    def _split_prompts(self, device: torch.device | str = "cpu") -> dict[str, dict[str, list[str]]]:
-        """split -> caption -> the texts the encoder may read for it: one, or the cached variants of an augmented
-        training caption (with a frozen encoder; a trainable one augments on the fly)."""
-        prompts = {}
-        for name in SPLITS:
-            captions = sorted(set(self.source.split(name).captions))
-            texts = self.encoder_texts(captions, training=name == "train", device=device)
-            if name == "train" and self.caption_augment is not None and not self.encoder.trainable:
-                prompts[name] = {c: self.caption_augment.variants_of(t) for c, t in zip(captions, texts)}
-            else:
-                prompts[name] = {c: [t] for c, t in zip(captions, texts)}
-        if self.expander is not None:
-            self.expander.unload()
-        return prompts
-
-    @staticmethod
-    def _all_texts(prompts: dict[str, dict[str, list[str]]]) -> list[str]:
-        return sorted({text for split in prompts.values() for texts in split.values() for text in texts})
+    def caption_sets(self) -> CaptionSets:
+        """The captions the text side must know: the training split's, and the validation and test splits'."""
+        return CaptionSets(train=self.captions("train"), evaluation=sorted({*self.captions("val"), *self.captions("test")}))
 
     def prepare_data(self) -> None:
         # on the device training will use: large models run much faster on a GPU
         device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
-        prompts = self._split_prompts(device)
-        if not self.encoder.trainable:  # a trainable encoder's embeddings change as it trains: nothing to cache
-            self.cache.lookup(self.encoder, self._all_texts(prompts))
-            self.encoder.unload()
         if self.latent_cache is not None:
             self.latent_cache.prepare(self.source, device)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        prompts = self._split_prompts()
-        if not self.encoder.trainable:
-            texts = self._all_texts(prompts)
-            self.table = self.cache.lookup(self.encoder, texts)
-            self.row_of = {text: row for row, text in enumerate(texts)}
-        trainable = self.encoder.trainable
         for name in SPLITS:
-            self.splits[name] = EmbeddedSplit(
-                self.source.split(name), prompts[name], None if trainable else self.row_of,
-                augment=self.caption_augment if trainable and name == "train" else None,
-            )
+            draws = self.caption_draws if name == "train" else 1
+            self.splits[name] = KeyedSplit(self.source.split(name), caption_draws=draws)
         if self.latent_cache is not None:
             self.splits["train"].latents = self.latent_cache.load(self.source)
         # Evaluation sets: the split in a fixed shuffled order (grids show varied prompts, not a run of
@@ -317,9 +251,9 @@ class Text2ImgDataModule(L.LightningDataModule):
         return len(self.test_set if stage == "test" else self.splits["val"]) > 0
 
     @staticmethod
-    def _evaluation_set(split: EmbeddedSplit, size: int | None) -> EmbeddedSplit:
+    def _evaluation_set(split: KeyedSplit, size: int | None) -> KeyedSplit:
         order = torch.randperm(len(split.images), generator=torch.Generator().manual_seed(0)).tolist()
-        return EmbeddedSplit(split.images, split.prompts, split.row_of, order, size)
+        return KeyedSplit(split.images, order, size)
 
     def eval_split(self, stage: str) -> str:
         """The split a "val" or "test" stage evaluates."""
@@ -330,43 +264,14 @@ class Text2ImgDataModule(L.LightningDataModule):
         images = self.source.split("train", augmented=False)
         return torch.stack([images[i][0] for i in range(min(count, len(images)))])
 
-    def prompts(self, split: str) -> tuple[list[str], TextEmbedding]:
-        """The distinct captions of a split, sorted, with the evaluation's embeddings of what the encoder reads
-        for them (of their first variant for augmented training captions): the frozen encoder's cached ones, or
-        with a trainable encoder, its frozen reference's (the base weights, whatever training did to them)."""
-        assert self.splits, "call setup() first"
-        texts_of = self.splits[split].prompts
-        captions = sorted(texts_of)
-        texts = [texts_of[caption][0] for caption in captions]
-        if self.table is None:
-            text = self.cache.lookup(self.eval_encoder, texts)
-            self.eval_encoder.unload()
-            return captions, text
-        return captions, self.table[torch.tensor([self.row_of[text] for text in texts], dtype=torch.long)]
-
-    def sampling_prompts(self, prompts: Sequence[str]) -> tuple[list[str], TextEmbedding]:
-        """What the encoder reads for user prompts (their expansions if `expander.sample`) and its embeddings: a
-        frozen encoder's from the cache, encoding (and caching) only new ones. The language models are
-        unloaded afterwards."""
-        texts = self.encoder_texts(prompts, training=False)
-        if self.expander is not None:
-            self.expander.unload()
-        if self.encoder.trainable:  # its current weights' embeddings: nothing to cache
-            with torch.no_grad():
-                return texts, self.encoder.encode(texts)
-        text = self.cache.lookup(self.encoder, texts)
-        self.encoder.unload()
-        return texts, text
-
     def collate(self, items: list[Item]) -> Batch:
-        images, captions, prompts, rows, keys, latents = zip(*items)
+        images, captions, draws, keys, latents = zip(*items)
         return Batch(
             images=torch.stack(images),
             captions=list(captions),
-            text=None if self.table is None else self.table[torch.tensor(rows)].trimmed(),
             keys=torch.tensor(keys),
             latents=None if latents[0] is None else torch.stack(latents),
-            prompts=list(prompts),
+            caption_draws=None if draws[0] is None else list(draws),
         )
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:

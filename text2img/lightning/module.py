@@ -1,4 +1,5 @@
-"""The LightningModule shared by every generator backend: text side, caption dropout, optimisation."""
+"""The LightningModule shared by every generator backend: its text conditioner, fusion head and generator, and their
+optimisation."""
 
 from __future__ import annotations
 
@@ -7,26 +8,38 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from text2img.encoders.hf import HFTextEncoder
+from text2img.conditioning import TextConditioner, upgrade_state_dict
 from text2img.errors import ConfigError
-from text2img.lightning.distributed import mean_over_processes
-from text2img.lightning.nonfinite import NonFiniteLossPolicy
-from text2img.utils.lora import LoraSettings, add_lora
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.diffusion import DiffusionGenerator
+from text2img.lightning.distributed import mean_over_processes
+from text2img.lightning.nonfinite import NonFiniteLossPolicy
 from text2img.sampling.runtime import ImageEdit, generate_in_chunks, row_generators
 from text2img.types import Batch, EvalOutputs, TextEmbedding
 from text2img.utils.checkpoints import load_checkpoint
+from text2img.utils.lora import LoraSettings, add_lora
+
+# Where a trainable encoder's weights are in the module's state dict.
+ENCODER_PREFIX = "conditioner.encoder."
+
+
+def _upgrade_old_keys(state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: the keys of a checkpoint written before the conditioner, renamed in place."""
+    upgraded = upgrade_state_dict(state, prefix)
+    if upgraded.keys() != state.keys():
+        state.clear()
+        state.update(upgraded)
 
 
 class Text2ImgModule(L.LightningModule):
-    """Trains `generator` conditioned by `fusion` on cached text embeddings, or with `encoder` (an encoder that
-    trains: `encoder.mode=lora` or `full`) on the embeddings it computes from the batch's prompts.
+    """Trains `generator` conditioned by `fusion` on the text embeddings of `conditioner` (`TextConditioner`):
+    cached ones of a frozen encoder, or those an encoder that trains (`encoder.mode=lora` or `full`) computes from
+    the batch's captions. `prepare_data` and `setup` prepare the conditioner from the data module's captions.
 
-    Captions are dropped to a learned null embedding at rate `caption_dropout` so the same model
+    The conditioner drops captions to its learned null embedding at rate `caption_dropout` so the same model
     also learns the unconditional branch that classifier-free guidance needs at sampling time.
     Validation and test steps generate images for the batch's prompts with a fixed seed, so grids
     and metrics from different steps and runs are comparable; callbacks turn them into grids and FID.
@@ -40,6 +53,9 @@ class Text2ImgModule(L.LightningModule):
     `max_length`): with `generate`'s fixed-size chunks, every image is computed at the same tensor shapes, so its
     bits do not depend on its batch. None (a module built in code, a checkpoint older than the option) keeps the
     text's own width, which makes an image depend on its batch's longest prompt by rounding.
+
+    Checkpoints written before the conditioner existed (`null_tokens`, `encoder.*`) load under its names
+    (`conditioner.null_tokens`, `conditioner.encoder.*`).
 
     `init_from` starts the fusion head, generator and null embedding from a trained checkpoint's weights;
     `generator_lora` then freezes the generator and trains peft LoRA adapters of it (with the fusion head and
@@ -59,13 +75,11 @@ class Text2ImgModule(L.LightningModule):
         self,
         fusion: FusionHead,
         generator: Generator,
-        text_dim: int,
+        conditioner: TextConditioner,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        caption_dropout: float = 0.1,
         eval_seed: int = 1234,
         text_length: int | None = None,
-        encoder: HFTextEncoder | None = None,
         text_loss_weight: float = 0.0,
         encoder_lr: float | None = None,
         init_from: str | None = None,
@@ -77,32 +91,22 @@ class Text2ImgModule(L.LightningModule):
         self.nonfinite = NonFiniteLossPolicy(nonfinite_loss, max_consecutive_skips, self.nonfinite_advice)
         # Set by a skipped batch; the next optimiser step then drops the accumulated gradients.
         self._drop_update = False
-        if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"model.caption_dropout={caption_dropout} must be in [0, 1)")
         if text_loss_weight < 0:
             raise ConfigError(f"model.text_loss_weight={text_loss_weight} must be >= 0 (0: no text loss)")
-        if encoder is None and (text_loss_weight > 0 or encoder_lr is not None):
+        if not conditioner.trainable and (text_loss_weight > 0 or encoder_lr is not None):
             raise ConfigError(
                 "model.text_loss_weight and model.encoder_lr apply to an encoder that trains, but the encoder is "
                 "frozen; use peft=lora or encoder.mode=full, or leave them at 0 and null"
             )
-        if encoder is not None:
-            if not encoder.trainable:
-                raise ValueError("pass the encoder to the module only when it trains; a frozen one is read from the cache")
-            # Loaded now: the optimizer needs its parameters, and a resumed checkpoint its LoRA layers.
-            encoder.load(whole=text_loss_weight > 0)
-            if text_loss_weight > 0:
-                encoder.check_next_token_loss()
-        self.encoder = encoder
         self.text_loss_weight = text_loss_weight
         self.encoder_lr = encoder_lr
         self.fusion = fusion
         self.generator = generator
-        self.null_tokens = nn.Parameter(torch.randn(1, text_dim) * 0.02)
-        self.null_pooled = nn.Parameter(torch.randn(text_dim) * 0.02)
+        # Built (its null embedding drawn, a trainable encoder loaded) after the fusion head and generator.
+        self.conditioner = conditioner
+        self._register_load_state_dict_pre_hook(_upgrade_old_keys)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.caption_dropout = caption_dropout
         self.eval_seed = eval_seed
         self.text_length = text_length
         if init_from is not None:
@@ -116,9 +120,10 @@ class Text2ImgModule(L.LightningModule):
 
     def load_initial_weights(self, path: str) -> None:
         """Fusion head, generator and null embedding from a text2img checkpoint (not its encoder's weights)."""
-        weights = {k: v for k, v in load_checkpoint(path)["state_dict"].items() if not k.startswith("encoder.")}
+        weights = upgrade_state_dict(load_checkpoint(path)["state_dict"])
+        weights = {k: v for k, v in weights.items() if not k.startswith(ENCODER_PREFIX)}
         missing, unexpected = self.load_state_dict(weights, strict=False)
-        missing = [key for key in missing if not key.startswith("encoder.")]
+        missing = [key for key in missing if not key.startswith(ENCODER_PREFIX)]
         if missing or unexpected:
             example = (missing or unexpected)[0]
             raise ConfigError(
@@ -126,50 +131,29 @@ class Text2ImgModule(L.LightningModule):
                 f"unexpected (e.g. {example}); start from a checkpoint of the same fusion head and generator config"
             )
 
-    def null_text(self, batch_size: int) -> TextEmbedding:
-        """The learned unconditional embedding: one token, always attended."""
-        device = self.null_tokens.device
-        return TextEmbedding(
-            tokens=self.null_tokens.expand(batch_size, 1, -1),
-            mask=torch.ones(batch_size, 1, dtype=torch.bool, device=device),
-            pooled=self.null_pooled.expand(batch_size, -1),
-        )
+    def upgrade_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A state dict (or adapter file) written before the conditioner, under today's names."""
+        return upgrade_state_dict(state)
 
-    def drop_captions(self, text: TextEmbedding) -> TextEmbedding:
-        """Replace a random `caption_dropout` fraction of the rows by the null embedding."""
-        if self.caption_dropout == 0.0:
-            return text
-        batch, length, _ = text.tokens.shape
-        drop = torch.rand(batch, device=text.tokens.device) < self.caption_dropout
-        null_tokens = torch.zeros_like(text.tokens)
-        null_tokens[:, 0] = self.null_tokens.to(text.tokens.dtype)
-        null_mask = torch.zeros_like(text.mask)
-        null_mask[:, 0] = True
-        return TextEmbedding(
-            tokens=torch.where(drop[:, None, None], null_tokens, text.tokens),
-            mask=torch.where(drop[:, None], null_mask, text.mask),
-            pooled=torch.where(drop[:, None], self.null_pooled.to(text.pooled.dtype).expand_as(text.pooled), text.pooled),
-        )
+    def prepare_data(self) -> None:
+        # once per node, on the device training will use: large language models run much faster on a GPU
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            self.conditioner.prepare(datamodule.caption_sets(), self.trainer.strategy.root_device)
 
-    def prompts_of(self, batch: Batch) -> list[str]:
-        """The text the encoder reads: the batch's augmented or expanded prompts, else its captions."""
-        return batch.captions if batch.prompts is None else batch.prompts
-
-    def text_of(self, batch: Batch) -> TextEmbedding:
-        if self.encoder is not None:
-            return self.encoder.encode(self.prompts_of(batch)).trimmed()
-        if batch.text is None:
-            raise RuntimeError("the batch carries no text embeddings; the data module must attach cached embeddings")
-        return batch.text
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            self.conditioner.setup(datamodule.caption_sets())
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        text = self.drop_captions(self.text_of(batch))
+        prompts = self.conditioner.encode_captions(batch.captions, batch.caption_draws, training=True)
+        text = self.conditioner.drop(prompts.text)
         loss = self.generator.training_loss(batch.images, text, self.fusion, latents=batch.latents)
         losses = {"loss": loss}
         if self.text_loss_weight > 0:
-            assert self.encoder is not None
             self.log("train/image_loss", loss, batch_size=len(batch))
-            text_loss = self.encoder.next_token_loss(self.prompts_of(batch))
+            text_loss = self.conditioner.text_loss(prompts.texts)
             self.log("train/text_loss", text_loss, batch_size=len(batch))
             losses = {"image loss": loss, "text loss": text_loss}
             loss = loss + self.text_loss_weight * text_loss
@@ -226,7 +210,8 @@ class Text2ImgModule(L.LightningModule):
         sampling = {"guidance_scale": guidance_scale, "steps": steps}
 
         def generate_chunk(rows: list[int]) -> Tensor:
-            chunk = (text[rows], self.null_text(len(rows)), self.fusion, row_generators([seeds[row] for row in rows]))
+            null = self.conditioner.unconditional(len(rows))
+            chunk = (text[rows], null, self.fusion, row_generators([seeds[row] for row in rows]))
             if edit is None:
                 return self.generator.sample(*chunk, **sampling)
             return self.generator.sample(*chunk, **sampling, edit=edit.rows(rows))
@@ -238,7 +223,7 @@ class Text2ImgModule(L.LightningModule):
         # validation, whatever the batch size and the number of processes.
         if batch.keys is None:
             raise RuntimeError("evaluation batches must carry keys; the data module attaches them")
-        text = self.text_of(batch)
+        text = self.conditioner.encode_captions(batch.captions).text
         reconstructions = None
         if self.generator.reconstructs:
             reconstructions = (self.generator.reconstruct(batch.images, text, self.fusion).float() + 1) / 2
@@ -259,8 +244,9 @@ class Text2ImgModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params: list[Any] = [p for p in self.parameters() if p.requires_grad]
-        if self.encoder is not None and self.encoder_lr is not None:
-            in_encoder = {id(p) for p in self.encoder.parameters()}
+        encoder = self.conditioner.encoder
+        if encoder is not None and self.encoder_lr is not None:
+            in_encoder = {id(p) for p in encoder.parameters()}
             params = [
                 {"params": [p for p in params if id(p) not in in_encoder]},
                 {"params": [p for p in params if id(p) in in_encoder], "lr": self.encoder_lr},
@@ -273,10 +259,11 @@ class Text2ImgModule(L.LightningModule):
 
     def frozen_encoder_keys(self) -> list[str]:
         """State-dict entries of the encoder's frozen base: reloaded from its source, never saved."""
-        if self.encoder is None:
+        encoder = self.conditioner.encoder
+        if encoder is None:
             return []
-        trained = {f"encoder.{name}" for name, p in self.encoder.named_parameters() if p.requires_grad}
-        return [key for key in self.state_dict() if key.startswith("encoder.") and key not in trained]
+        trained = {ENCODER_PREFIX + name for name, p in encoder.named_parameters() if p.requires_grad}
+        return [key for key in self.state_dict() if key.startswith(ENCODER_PREFIX) and key not in trained]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
@@ -290,4 +277,5 @@ class Text2ImgModule(L.LightningModule):
         own = self.state_dict()
         for state in ("state_dict", "current_model_state"):
             if state in checkpoint:
+                checkpoint[state] = upgrade_state_dict(checkpoint[state])
                 checkpoint[state].update({key: own[key] for key in self.frozen_encoder_keys()})

@@ -16,23 +16,20 @@ from text2img.types import Batch
 class WebDataModule(Text2ImgDataModule):
     """`Text2ImgDataModule` for a `WebDatasetSource`: evaluation as usual, training streamed from the shards.
 
-    The captions of a stream are not known up front, so training batches get their text embeddings when they
-    reach the device (`on_after_batch_transfer`, with the frozen encoder, which then stays loaded); captions
-    are augmented on the fly (`caption_augment`'s cached variants are not used). `epoch_samples` (all
+    The captions of a stream are not known up front, so the `TextConditioner` encodes training captions in the
+    step (with the frozen encoder, which then stays loaded) and augments them on the fly (`caption_augment`'s cached
+    variants are not used: `streams_training_captions`). `epoch_samples` (all
     processes together) makes every process take the same number of steps per epoch, which DDP requires;
     without it an epoch is one pass over the shards. Resuming from a checkpoint restarts the stream with a new
     shuffle; it does not continue the interrupted epoch.
     """
 
+    streams_training_captions = True
+
     def __init__(
         self, source: WebDatasetSource, *args: Any, epoch_samples: int | None = None, **kwargs: Any
     ) -> None:
         super().__init__(source, *args, **kwargs)
-        if self.expander is not None and self.expander.enabled_for(training=True):
-            raise ConfigError(
-                "data=webdataset streams its training captions, which prompt expansion would rewrite with a "
-                "language model at every step; set prompt_expansion.train=false"
-            )
         if epoch_samples is not None and epoch_samples < 1:
             raise ConfigError(f"data.epoch_samples={epoch_samples} must be a positive sample count, or null")
         self.epoch_samples = epoch_samples
@@ -68,7 +65,7 @@ class WebDataModule(Text2ImgDataModule):
                 f"than a batch ({self.batch_size}); raise it to at least {readers * self.batch_size}"
             )
         return DataLoader(
-            self.source.train_stream(rank, processes, per_reader, self.caption_augment),
+            self.source.train_stream(rank, processes, per_reader, self.caption_draws),
             batch_size=self.batch_size,
             drop_last=True,  # per worker: every batch is full
             num_workers=self.num_workers,
@@ -78,12 +75,8 @@ class WebDataModule(Text2ImgDataModule):
 
     @staticmethod
     def collate_stream(items: list[StreamItem]) -> Batch:
-        images, captions, prompts = zip(*items)
-        return Batch(images=torch.stack(images), captions=list(captions), prompts=list(prompts))
-
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        # Streamed training batches carry no embeddings; a trainable encoder is the model's to run.
-        if batch.text is None and not self.encoder.trainable:
-            with torch.no_grad():
-                batch.text = self.encoder.to(batch.images.device).encode(batch.prompts).trimmed()
-        return batch
+        images, captions, draws = zip(*items)
+        return Batch(
+            images=torch.stack(images), captions=list(captions),
+            caption_draws=None if draws[0] is None else list(draws),
+        )

@@ -11,9 +11,10 @@ from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from text2img.conditioning import TextConditioner, caption_draws
 from text2img.errors import ConfigError, DataError, message_of, root_cause
 from text2img.generators import LatentDiffusionGenerator, build_fusion
 from text2img.lightning import Text2ImgDataModule, Text2ImgModule
@@ -48,22 +49,58 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(item) for item in (group or {}).values() if item is not None]
 
 
+def _without(node: DictConfig, *keys: str) -> tuple[DictConfig, dict[str, Any]]:
+    """A copy of a config node (its interpolations still resolve) without `keys`, and those keys' values."""
+    rest = node.copy()
+    with open_dict(rest):
+        return rest, {key: rest.pop(key) for key in keys if key in rest}
+
+
+# Keys of the `data` and `model` groups that configure the text side (the model's `TextConditioner`).
+TEXT_DATA_KEYS = ("embedding_cache_dir", "caption_augment")
+TEXT_MODEL_KEYS = ("text_dim", "caption_dropout")
+
+
+def build_data(cfg: DictConfig, caption_draws: int = 1) -> Text2ImgDataModule:
+    """The data module of a run config: its `data` group less the text side's keys; `caption_draws`: see
+    `TextConditioner.caption_draws` (1: training items draw nothing)."""
+    return instantiate(_without(cfg.data, *TEXT_DATA_KEYS)[0], caption_draws=caption_draws)
+
+
 def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
-    """Data and model of a run config (also used to rebuild a checkpoint's model for evaluation)."""
+    """Data and model of a run config (also used to rebuild a checkpoint's model for evaluation).
+
+    The text side's keys stay where users set them (`encoder`, `prompt_expansion`, `data.caption_augment`,
+    `data.embedding_cache_dir`, `model.caption_dropout`, `model.text_dim`): they build the model's
+    `TextConditioner`, not the data module. Objects are built in the order runs always had (encoders, data,
+    generator, fusion head, then the null embedding), so that their random inits are the same."""
+    text_data = {key: cfg.data.get(key) for key in TEXT_DATA_KEYS}
+    model_cfg, text_model = _without(cfg.model, *TEXT_MODEL_KEYS)
     encoder = instantiate(cfg.encoder)
     expander = instantiate(cfg.prompt_expansion) if cfg.get("prompt_expansion") else None
     # An encoder that trains is evaluated against its frozen base (the alignment metrics' text side).
     reference = None
     if encoder.trainable:
         reference = instantiate(cfg.encoder, mode="frozen", lora=None, gradient_checkpointing=False)
-    datamodule = instantiate(cfg.data, encoder=encoder, expander=expander, reference_encoder=reference)
+    streamed = getattr(get_class(cfg.data._target_), "streams_training_captions", False)
+    if streamed and expander is not None and expander.enabled_for(training=True):
+        raise ConfigError(
+            "data=webdataset streams its training captions, which prompt expansion would rewrite with a "
+            "language model at every step; set prompt_expansion.train=false"
+        )
+    augment = instantiate(text_data.get("caption_augment"))
+    datamodule = build_data(cfg, caption_draws(augment, streamed or encoder.trainable))
     generator = instantiate(cfg.generator)
     names = _choice(cfg, "fusion"), _choice(cfg, "generator")
     fusion = build_fusion(cfg.fusion, generator, *names)
     if isinstance(generator, LatentDiffusionGenerator) and generator.cache_latents:
         datamodule.cache_latents(generator.first_stage, f"{cfg.paths.cache_dir}/latents")
-    # An encoder that trains is part of the model; a frozen one only fills the data module's embedding cache.
-    model = instantiate(cfg.model, fusion=fusion, generator=generator, encoder=encoder if encoder.trainable else None)
+    conditioner = TextConditioner(
+        encoder, text_data["embedding_cache_dir"], text_model.get("text_dim"), expander, augment, reference,
+        caption_dropout=text_model.get("caption_dropout", 0.1),
+        next_token_loss=model_cfg.get("text_loss_weight", 0.0) > 0, augment_on_the_fly=streamed,
+    )
+    model = instantiate(model_cfg, fusion=fusion, generator=generator, conditioner=conditioner)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     return datamodule, model
 

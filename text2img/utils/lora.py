@@ -266,6 +266,9 @@ def load_adapters(model: nn.Module, path: Path) -> None:
         if (file.metadata() or {}).get("format") != ADAPTERS_FORMAT:
             raise ConfigError(f"{path} is not a text2img adapter file; pass one written by save_adapters")
         tensors = {name: file.get_tensor(name) for name in file.keys()}
+    upgrade = getattr(model, "upgrade_state_dict", None)  # a file written under older parameter names
+    if upgrade is not None:
+        tensors = upgrade(tensors)
     missing, unexpected = sorted(parameters.keys() - tensors.keys()), sorted(tensors.keys() - parameters.keys())
     if missing or unexpected:
         raise ConfigError(
