@@ -24,7 +24,7 @@ SLOW ?=
 # pytest-xdist workers: one per core, at most 4 (each holds its own torch and models); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -52,6 +52,13 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench/precision_cpu.py
 	$(BIN)/python experiments/bench/grad_accumulation.py
 	$(BIN)/python experiments/bench/long_run_memory.py
+
+# The GPU check (experiments/bench/README.md, "GPU check"): builds .whl/, the wheels the device machine's Python
+# lacks (for the device tool's `carry`; skipped with a message where pip cannot fetch them), then runs the check,
+# which on a machine without a GPU says so and exits 0.
+gpu-check: $(STAMP)
+	-experiments/bench/gpu_wheels.sh
+	$(BIN)/python experiments/bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
