@@ -83,9 +83,8 @@ def training_speed(ckpt: str, steps: int, warmup: int) -> tuple[float, int]:
 def sampling(ckpt: str, repeats: int, grid_path: Path) -> float:
     """Median images/s of `generate` on 100 test prompts; writes the grid of the first 24."""
     _, datamodule, model = load_model(ckpt)
-    datamodule.setup("test")
-    captions, text = datamodule.prompts("test")
-    captions, text = captions[:100], text[:100]
+    prompts = model.conditioner.reference(datamodule.captions("test")[:100])  # the run's cached test embeddings
+    captions, text = prompts.captions, prompts.text
     seeds = list(range(len(captions)))
     model.eval()
     times = []

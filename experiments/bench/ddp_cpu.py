@@ -30,6 +30,7 @@ from hydra.utils import instantiate  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from equivalence import OptimizerStepTimer, mean_loss_per_step, record_losses, side_by_side  # noqa: E402
 from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
+from text2img.run.compose import build_data  # noqa: E402
 
 VARIANTS = {"single": ("cpu", 1), "ddp": ("ddp_cpu", 2)}
 
@@ -40,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.single_threads if processes == 1 else max(1, os.cpu_count() // processes))
     cfg = compose_cfg([f"trainer={trainer_option}", f"data.batch_size={args.batch // processes}",
                        "model.caption_dropout=0", *args.overrides], args.out)
-    datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+    datamodule = build_data(cfg)
     model = build_model(cfg)
     losses = record_losses(model)
     timer = OptimizerStepTimer()

@@ -32,7 +32,9 @@ from hydra.utils import instantiate  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import ROOT, compose_cfg  # noqa: E402
 
+from text2img.conditioning import TextTable  # noqa: E402
 from text2img.lightning import Text2ImgModule  # noqa: E402
+from text2img.run.compose import build_model  # noqa: E402
 from text2img.types import Batch  # noqa: E402
 
 VARIANTS = {
@@ -58,13 +60,9 @@ class SavedTensorBytes:
         return sum(self.storages.values())
 
 
-def build(cfg, frozen_text: bool) -> tuple[Text2ImgModule, torch.optim.Optimizer]:
+def build(cfg) -> tuple[Text2ImgModule, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    encoder = instantiate(cfg.encoder)
-    model = instantiate(
-        cfg.model, fusion=instantiate(cfg.fusion), generator=instantiate(cfg.generator),
-        encoder=None if frozen_text else encoder,
-    )
+    model = build_model(cfg)[1]
     model.train()
     optimizer = instantiate(cfg.model.optimizer)([p for p in model.parameters() if p.requires_grad])
     return model, optimizer
@@ -82,13 +80,11 @@ def batches(cfg, count: int, device: torch.device) -> list[Batch]:
     return out
 
 
-def run(model: Text2ImgModule, optimizer, data: list[Batch], text_encoder) -> tuple[list[float], int, int]:
+def run(model: Text2ImgModule, optimizer, data: list[Batch]) -> tuple[list[float], int, int]:
     """Step times, saved-for-backward bytes of the last step and the CUDA peak of the last step (0 on CPU)."""
     times = []
     saved = SavedTensorBytes()
     for batch in data:
-        if text_encoder is not None:  # the frozen reference reads precomputed embeddings, as from the cache
-            batch.text = text_encoder[id(batch)]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -118,22 +114,24 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     configs = {name: compose_cfg([*args.overrides, *extra], args.out) for name, extra in VARIANTS.items()}
-    built = {name: build(cfg, frozen_text=not extra) for (name, extra), cfg in zip(VARIANTS.items(), configs.values())}
+    built = {name: build(cfg) for name, cfg in configs.items()}
     for model, _ in built.values():
         model.to(device)
         model.log = lambda *a, **k: None  # no trainer attached
     reference_cfg = configs["frozen (cached)"]
     data = batches(reference_cfg, args.steps + args.warmup, device)
     encoder = instantiate(reference_cfg.encoder).to(device)
-    with torch.no_grad():
-        cached = {id(batch): encoder.encode(batch.captions).trimmed() for batch in data}
+    captions = sorted({caption for batch in data for caption in batch.captions})
+    with torch.no_grad():  # the frozen reference reads precomputed embeddings, as from the cache
+        table = TextTable(encoder.encode(captions), {caption: row for row, caption in enumerate(captions)})
+    built["frozen (cached)"][0].conditioner.table = table
     del encoder
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     memory: dict[str, tuple[int, int]] = {}
     for _ in range(args.repeats):
         for name, (model, optimizer) in built.items():
-            step_times, saved, peak = run(model, optimizer, data, cached if name == "frozen (cached)" else None)
+            step_times, saved, peak = run(model, optimizer, data)
             times[name] += step_times[args.warmup:]
             memory[name] = (saved, peak)
 

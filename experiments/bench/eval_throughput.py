@@ -61,9 +61,12 @@ def measure_metrics(n: int, batch_size: int, overrides: list[str]) -> dict[str, 
     datamodule, model = build_model(cfg)
     datamodule.prepare_data()
     datamodule.setup("test")
-    prompts, prompt_text = datamodule.prompts("test")
+    conditioner = model.conditioner
+    conditioner.prepare(datamodule.caption_sets())
+    reference = conditioner.reference(datamodule.captions("test"))
+    prompts, prompt_text = reference.captions, reference.text
     context = EvalContext(
-        source=datamodule.source, split="test", encoder=datamodule.encoder, embeddings=datamodule.cache,
+        source=datamodule.source, split="test", encoder=conditioner.reference_encoder, embeddings=conditioner.cache,
         features=RealFeatureCache(Path(cfg.paths.cache_dir) / "eval" / "features"),
         cache_dir=Path(cfg.paths.cache_dir) / "eval", prompts=prompts, prompt_text=prompt_text,
     )
@@ -105,7 +108,8 @@ def measure_generation(batch_size: int, batches: int, overrides: list[str]) -> f
     datamodule, model = build_model(cfg)
     datamodule.prepare_data()
     datamodule.setup("test")
-    _, prompt_text = datamodule.prompts("test")
+    model.conditioner.prepare(datamodule.caption_sets())
+    prompt_text = model.conditioner.reference(datamodule.captions("test")).text
     text = prompt_text[torch.arange(batch_size) % len(prompt_text)].trimmed()
     model.eval()
     model.generate(text[:2], seeds=[0, 1])  # warm-up

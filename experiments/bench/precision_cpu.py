@@ -21,11 +21,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from hydra.utils import instantiate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from equivalence import side_by_side, timed_fit  # noqa: E402
 from train_throughput import ROOT, build_model, compose_cfg  # noqa: E402
+
+from text2img.run.compose import build_data  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed")
 
@@ -46,7 +47,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     cfg = compose_cfg(["model.caption_dropout=0", *args.overrides], args.out)
-    datamodule = instantiate(cfg.data, encoder=instantiate(cfg.encoder))
+    datamodule = build_data(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
 

@@ -29,6 +29,8 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from text2img.lightning import Text2ImgModule  # noqa: E402
+from text2img.run.compose import build_data  # noqa: E402
+from text2img.run.compose import build_model as build_run  # noqa: E402
 from text2img.types import Batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,8 +62,9 @@ def compose_cfg(overrides: list[str], out: Path):
 
 
 def build_model(cfg) -> Text2ImgModule:
+    """A fresh model of `cfg`, its text conditioner included (prepared by `trainer.fit`)."""
     torch.manual_seed(0)
-    return instantiate(cfg.model, fusion=instantiate(cfg.fusion), generator=instantiate(cfg.generator))
+    return build_run(cfg)[1]
 
 
 def framework_steps(cfg, datamodule, steps: int) -> list[float]:
@@ -79,6 +82,7 @@ def framework_steps(cfg, datamodule, steps: int) -> list[float]:
 def plain_steps(cfg, datamodule, steps: int, encoder=None) -> list[float]:
     """The same step written by hand; with `encoder`, captions are encoded in every step."""
     model = build_model(cfg)
+    model.conditioner.setup(datamodule.caption_sets())
     model.train()
     optimizer = instantiate(cfg.model.optimizer)([p for p in model.parameters() if p.requires_grad])
     scheduler = instantiate(cfg.model.lr_scheduler)(optimizer, num_training_steps=steps)
@@ -86,11 +90,12 @@ def plain_steps(cfg, datamodule, steps: int, encoder=None) -> list[float]:
     loader = iter(datamodule.train_dataloader())
     for _ in range(steps):
         batch: Batch = next(loader)
-        text = batch.text
         if encoder is not None:
             with torch.no_grad():
                 text = encoder.encode(batch.captions).trimmed()
-        loss = model.generator.training_loss(batch.images, model.drop_captions(text), model.fusion)
+        else:
+            text = model.conditioner.encode_captions(batch.captions, batch.caption_draws, training=True).text
+        loss = model.generator.training_loss(batch.images, model.conditioner.drop(text), model.fusion)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
@@ -116,7 +121,8 @@ def main() -> None:
 
     cfg = compose_cfg(args.overrides, args.out)
     encoder = instantiate(cfg.encoder)
-    datamodule = instantiate(cfg.data, encoder=encoder)
+    datamodule = build_data(cfg)
+    build_model(cfg).conditioner.prepare(datamodule.caption_sets())  # fills the embedding cache
     datamodule.prepare_data()
     datamodule.setup("fit")
     batch = cfg.data.batch_size
