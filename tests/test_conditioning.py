@@ -68,6 +68,7 @@ def test_the_cache_is_filled_once_and_read_once(tmp_path: Path) -> None:
     batch = text.encode_captions(["rocket", "red heart"], training=True)
     assert batch.texts == ["rocket", "red heart"] and len(encoded) == 1
     assert batch.text.tokens.shape[1] == int(batch.text.mask.sum(1).max())
+    assert torch.equal(batch.text.tokens, text.table[batch.texts].trimmed().tokens)  # what the data module served
     fresh = TinyEncoder(max_length=32).encode(["rocket", "red heart"]).trimmed()
     torch.testing.assert_close(batch.text.tokens, fresh.tokens, atol=1e-5, rtol=1e-4)
 

@@ -256,7 +256,7 @@ def test_bf16_mixed_loads_frozen_weights_in_bfloat16_and_trains_float32(tmp_path
     assert {p.dtype for p in first_stage.parameters()} == {torch.bfloat16}
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     assert any(".lora_" in name for name in trainable) and set(trainable.values()) == {torch.float32}
-    assert {p.dtype for p in model.encoder.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.conditioner.encoder.parameters() if not p.requires_grad} == {torch.bfloat16}
     # the bfloat16 first stage takes float32 images and returns float32, outside autocast too
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     assert first_stage.moments(images).dtype == torch.float32

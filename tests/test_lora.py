@@ -269,7 +269,7 @@ def test_adapter_file_holds_the_trainable_weights_only(tmp_path: Path) -> None:
         lora = json.loads(file.metadata()["lora"])
     assert lora == {"generator.unet": {"rank": 4, "alpha": 16.0, "dropout": 0.0,
                                        "targets": ["to_k", "to_out.0", "to_q", "to_v"]}}
-    assert {"null_tokens", "null_pooled"} <= trainable and any(name.startswith("fusion.") for name in trainable)
+    assert {"conditioner.null_tokens", "conditioner.null_pooled"} <= trainable and any(name.startswith("fusion.") for name in trainable)
     assert not any(name.startswith("generator.first_stage.") for name in trainable)
     # a fresh model with the same LoRA settings gives the same images once the file is loaded
     fresh, _ = tiny_latent_module()

@@ -89,12 +89,26 @@ class TextTable:
 
     embedding: TextEmbedding
     row_of: dict[str, int] = field(default_factory=dict)
+    # each row's token count, read once: trimming a batch then needs no tensor -> int conversion in a step
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = self.embedding.mask.sum(1).tolist()
 
     def holds(self, texts: Sequence[str]) -> bool:
         return all(text in self.row_of for text in texts)
 
     def __getitem__(self, texts: Sequence[str]) -> TextEmbedding:
         return self.embedding[torch.tensor([self.row_of[text] for text in texts], dtype=torch.long)]
+
+    def trimmed(self, texts: Sequence[str]) -> TextEmbedding:
+        """`self[texts].trimmed()` (the columns up to the longest text's), computed from the stored lengths."""
+        rows = [self.row_of[text] for text in texts]
+        length = max(max((self.lengths[row] for row in rows), default=0), 1)
+        index = torch.tensor(rows, dtype=torch.long)
+        return TextEmbedding(
+            self.embedding.tokens[index, :length], self.embedding.mask[index, :length], self.embedding.pooled[index]
+        )
 
 
 class TextConditioner(nn.Module):
@@ -266,7 +280,7 @@ class TextConditioner(nn.Module):
         if self.encoder is not None:
             return self.encoder.encode(texts).trimmed()
         if self.table is not None and self.table.holds(texts):
-            return self.table[texts].trimmed().to(device)
+            return self.table.trimmed(texts).to(device)
         with torch.no_grad():
             return self.text_encoder.to(device).encode(texts).trimmed()
 

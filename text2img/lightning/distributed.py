@@ -49,21 +49,26 @@ def _params_outside(module: nn.Module, units: set[nn.Module]) -> Iterator[nn.Par
             yield from _params_outside(child, units)
 
 
-def _split_dtypes(unit: nn.Module, units: set[nn.Module]) -> list[nn.Module]:
+def _split_dtypes(unit: nn.Module, units: set[nn.Module], root: bool = False) -> list[nn.Module]:
     """Submodules to make units of so that `unit` holds parameters of one dtype only.
 
     FSDP flattens a unit's parameters into one tensor, so they must share a dtype; models here mix them on
     purpose (a bfloat16 first stage in a float32 generator, float32 LoRA adapters on a bfloat16 LLM). The
-    dtype of the unit's own parameters stays (they cannot move), else the one holding most elements; each
+    dtype of the unit's own parameters stays (they cannot move); else, for the `root` (the LightningModule), the
+    dtype of most of its trained elements (the model's training dtype), else the one holding most elements; each
     largest subtree holding only other dtypes becomes a unit.
     """
     sizes: dict[torch.dtype, int] = {}
+    trained: dict[torch.dtype, int] = {}
     for parameter in _params_outside(unit, units):
         sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
+        if parameter.requires_grad:
+            trained[parameter.dtype] = trained.get(parameter.dtype, 0) + parameter.numel()
     if len(sizes) < 2:
         return []
     own = [parameter.dtype for parameter in unit.parameters(recurse=False)]
-    majority = own[0] if own else max(sizes, key=sizes.__getitem__)
+    counts = trained if root and trained else sizes
+    majority = own[0] if own else max(counts, key=counts.__getitem__)
     found: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
@@ -103,7 +108,8 @@ class BlockWrapPolicy(_Policy):
         if self.split_dtypes:
             pending = [root, *units]
             while pending:
-                split = _split_dtypes(pending.pop(), units)
+                unit = pending.pop()
+                split = _split_dtypes(unit, units, root=unit is root)
                 units.update(split)
                 pending.extend(split)
         return [module for module in root.modules() if module in units]
