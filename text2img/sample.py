@@ -33,19 +33,18 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from text2img.utils.checkpoints import run_folder
-from text2img.run.compose import load_model
-from text2img.run.command_line import run_checked
-from text2img.utils.paths import CONF_DIR
-from text2img.run.config_checks import ANY_INTEGER, NULL, NUMBER, check_rules, integer
 from text2img.data.base import uint8_to_tensor
 from text2img.data.imagefolder import load_rgb_square
 from text2img.errors import ConfigError
-from text2img.generators.diffusion import ImageEdit
-from text2img.utils.grid import captioned_grid
 from text2img.lightning import Text2ImgModule
-from text2img.run.compose import one_line_errors
+from text2img.run.command_line import run_checked
+from text2img.run.compose import load_model, one_line_errors
+from text2img.run.config_checks import ANY_INTEGER, NULL, NUMBER, check_rules, integer
+from text2img.sampling.runtime import DEFAULT_STRENGTH, ImageEdit
 from text2img.types import TextEmbedding
+from text2img.utils.checkpoints import run_folder
+from text2img.utils.grid import captioned_grid
+from text2img.utils.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,6 @@ RULES = (
     ("n", ANY_INTEGER), ("seed", integer(0)), ("batch_size", ANY_INTEGER), ("guidance", NUMBER | NULL),
     ("steps", ANY_INTEGER | NULL),
 )
-# As diffusers' pipelines: image-to-image keeps some of the input's layout, inpainting redraws the region.
-DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 
 
 @dataclass

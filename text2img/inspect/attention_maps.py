@@ -22,13 +22,13 @@ from torch import Tensor, nn
 
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.hf import HFTextEncoder
+from text2img.encoders.text_model import tokenize
 from text2img.errors import ConfigError
 from text2img.fusion.token_projection import TokenProjection
 from text2img.generators.diffusion import DiffusionGenerator
 from text2img.generators.gan import GANGenerator
 from text2img.generators.gan_blocks import TokenCrossAttention
 from text2img.lightning import Text2ImgModule
-from text2img.pipeline import tokenize
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -193,6 +193,15 @@ def lora_settings(module: nn.Module) -> LoraSettings:
     )
 
 
+def key_mismatch(expected: Iterable[str], given: Iterable[str]) -> str:
+    """'N missing (e.g. [...]), M unexpected (e.g. [...])' for two sets of weight names, or '' when they agree."""
+    expected, given = set(expected), set(given)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if not missing and not unexpected:
+        return ""
+    return f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+
+
 def lora_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """The adapter weights of a module given to `add_lora` (peft's names, without the adapter's name)."""
     return get_peft_model_state_dict(module)
@@ -200,12 +209,10 @@ def lora_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 def load_lora_state_dict(module: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Load `lora_state_dict`'s output into a module with the same adapters; every key must match."""
-    expected = lora_state_dict(module)
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
+    mismatch = key_mismatch(lora_state_dict(module).keys(), state.keys())
+    if mismatch:
         raise ValueError(
-            f"the LoRA weights do not fit {type(module).__name__}'s adapters: {len(missing)} missing "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); add LoRA with the "
+            f"the LoRA weights do not fit {type(module).__name__}'s adapters: {mismatch}; add LoRA with the "
             "settings they were trained with"
         )
     result = set_peft_model_state_dict(module, dict(state))
@@ -269,11 +276,11 @@ def load_adapters(model: nn.Module, path: Path) -> None:
     upgrade = getattr(model, "upgrade_state_dict", None)  # a file written under older parameter names
     if upgrade is not None:
         tensors = upgrade(tensors)
-    missing, unexpected = sorted(parameters.keys() - tensors.keys()), sorted(tensors.keys() - parameters.keys())
-    if missing or unexpected:
+    mismatch = key_mismatch(parameters.keys(), tensors.keys())
+    if mismatch:
         raise ConfigError(
-            f"{path} does not fit the model's trainable parameters: {len(missing)} missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); build the model with the run's LoRA settings"
+            f"{path} does not fit the model's trainable parameters: {mismatch}; build the model with the run's "
+            "LoRA settings"
         )
     wrong = [name for name, tensor in tensors.items() if tensor.shape != parameters[name].shape]
     if wrong:
