@@ -31,7 +31,7 @@ def build(tmp_path, imagefolder, *overrides):
 
 
 def cross_attention_processors(model) -> list:
-    return [m.processor for m in model.generator.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    return [m.processor for m in model.generator.denoiser.modules() if isinstance(m, Attention) and m.is_cross_attention]
 
 
 def assert_distributions(maps: torch.Tensor, tokens: int, size: int) -> None:
@@ -80,7 +80,7 @@ def test_gan_with_attention_records_its_cross_attention(tmp_path, imagefolder):
 @pytest.mark.parametrize("overrides", [["generator=gan"], ["generator=vae"]])
 def test_backends_without_cross_attention_are_refused(tmp_path, imagefolder, overrides):
     datamodule, model = build(tmp_path, imagefolder, *overrides)
-    with pytest.raises(ConfigError, match="attention maps exist for generator=diffusion, generator=ldm"):
+    with pytest.raises(ConfigError, match="attention maps exist for generator=diffusion, generator=dit, generator=ldm"):
         cross_attention_maps(model, PROMPT)
 
 

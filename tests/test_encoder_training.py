@@ -173,7 +173,7 @@ def test_generator_lora_starts_from_a_checkpoint_and_writes_adapter_files(tmp_pa
     run = build(cfg)
     # the generator starts from the base run's (EMA) weights and only its adapters train
     base_weights = torch.load(base, weights_only=True)["state_dict"]
-    conv = "generator.unet.conv_in.weight"
+    conv = "generator.denoiser.unet.conv_in.weight"
     torch.testing.assert_close(run.model.state_dict()[conv], base_weights[conv])
     trained = [name for name, p in run.model.generator.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in name for name in trained)

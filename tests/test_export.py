@@ -92,7 +92,7 @@ def test_export_gives_the_checkpoints_images(exported: Path, checkpoint_model) -
 def test_folder_loads_with_diffusers_own_classes(exported: Path, checkpoint_model) -> None:
     model, _ = checkpoint_model
     unet = UNet2DConditionModel.from_pretrained(exported / "unet")
-    trained = model.generator.unet.state_dict()
+    trained = model.generator.denoiser.unet.state_dict()
     assert unet.state_dict().keys() == trained.keys()
     assert all(torch.equal(value, trained[name]) for name, value in unet.state_dict().items())
     scheduler = DPMSolverMultistepScheduler.from_pretrained(exported / "scheduler")

@@ -150,6 +150,7 @@ def first_stage(generator: str, tiny_first_stage: Path) -> list[str]:
 # Generator variants, by their overrides; and the pairings that cannot work, with what their error says.
 BACKENDS = {
     "diffusion": [], "diffusion-time_vector": ["generator.time_vector=true"], "ldm": [], "gan": [],
+    "dit": [], "dit-time_vector": ["generator.time_vector=true"],
     "gan-attention": ["generator.attention=true", "generator.attention_resolution=8"], "vae": [],
     "vae-unconditional": ["generator.conditional=false"],
 }
@@ -162,6 +163,10 @@ BAD_PAIRS = {
     ("film", "diffusion"): NO_FILM_LAYERS + "a head that produces tokens",
     ("film", "diffusion-time_vector"): NO_FILM_LAYERS + "a head that produces tokens or vector",
     ("film", "ldm"): NO_FILM_LAYERS + "a head that produces tokens",
+    ("pooled_mlp", "dit"): "consumes ['tokens']; choose a fusion head that produces tokens",
+    ("pooled_mlp", "dit-time_vector"): "consumes ['tokens', 'vector']; choose a fusion head that produces tokens",
+    ("film", "dit"): NO_FILM_LAYERS + "a head that produces tokens",
+    ("film", "dit-time_vector"): NO_FILM_LAYERS + "a head that produces tokens or vector",
     ("film", "gan-attention"): "consumes ['film', 'tokens']; choose a fusion head that produces tokens",
     ("film", "vae"): NO_FILM_LAYERS + "a head that produces vector",
     ("film", "vae-unconditional"): NO_FILM_LAYERS + "another fusion head",
@@ -371,8 +376,9 @@ def test_time_vector_adds_the_vector_to_the_unets_timestep_embedding(tmp_path):
     _, plain = smoke_pair(tmp_path, "token_projection", "diffusion")
     head, generator = smoke_pair(tmp_path, "token_projection", "diffusion", "generator.time_vector=true")
     assert isinstance(generator, DiffusionGenerator) and generator.requires == {"tokens", "vector"}
-    assert plain.unet.config.class_embed_type is None and generator.unet.config.class_embed_type == "projection"
-    unet = generator.unet.eval()
+    assert plain.denoiser.unet.config.class_embed_type is None
+    assert generator.denoiser.unet.config.class_embed_type == "projection"
+    unet = generator.denoiser.unet.eval()
     size = unet.config.sample_size
     x, t = torch.randn(2, unet.config.in_channels, size, size), torch.tensor([10, 500])
     cond = head(text(2, 6, (6, 3), dim=head.in_dim))

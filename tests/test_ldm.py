@@ -127,7 +127,7 @@ def test_one_step_changes_unet_fusion_and_null_embedding_never_the_first_stage(t
 
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert "conditioner.null_tokens" in changed  # (null_pooled feeds vector-conditioned backends only)
-    for part in ("generator.unet.", "fusion."):
+    for part in ("generator.denoiser.unet.", "fusion."):
         names = {name for name in before if name.startswith(part)}
         assert names and names <= changed, sorted(names - changed)[:5]
     first_stage = {name for name in before if name.startswith("generator.first_stage.")}
@@ -228,7 +228,7 @@ def test_a_first_stage_too_small_for_the_unet(tmp_path, imagefolder):
     with pytest.raises(SystemExit) as exc:
         train(cfg)
     message = one_line_error(exc)
-    assert "4x1x1 latents" in message and "2-level UNet" in message
+    assert "2-level UNet" in message and "(4x1x1: the images, or a first stage's latents)" in message
 
 
 def test_a_first_stage_checkpoint_of_the_wrong_kind(tmp_path, imagefolder):

@@ -267,8 +267,8 @@ def test_adapter_file_holds_the_trainable_weights_only(tmp_path: Path) -> None:
     with safe_open(str(path), framework="pt") as file:
         assert set(file.keys()) == trainable
         lora = json.loads(file.metadata()["lora"])
-    assert lora == {"generator.unet": {"rank": 4, "alpha": 16.0, "dropout": 0.0,
-                                       "targets": ["to_k", "to_out.0", "to_q", "to_v"]}}
+    assert lora == {"generator.denoiser": {"rank": 4, "alpha": 16.0, "dropout": 0.0,
+                                           "targets": ["to_k", "to_out.0", "to_q", "to_v"]}}
     assert {"conditioner.null_tokens", "conditioner.null_pooled"} <= trainable and any(name.startswith("fusion.") for name in trainable)
     assert not any(name.startswith("generator.first_stage.") for name in trainable)
     # a fresh model with the same LoRA settings gives the same images once the file is loaded
@@ -292,7 +292,7 @@ def test_adapter_file_holds_the_trainable_weights_only(tmp_path: Path) -> None:
 def test_a_lora_model_exports_merged_and_gives_the_same_images(tmp_path: Path) -> None:
     model, encoder = lora_latent_module()
     out = write_export(model, encoder, tmp_path / "out")
-    assert has_lora(model.generator.unet)  # the training model keeps its adapters
+    assert has_lora(model.generator.denoiser)  # the training model keeps its adapters
     plain = UNet2DConditionModel.from_pretrained(out / "unet")
     assert not any("lora" in name or "base_layer" in name for name in plain.state_dict())
     images = Text2ImgPipeline.from_folder(out)(PROMPTS, seed=SEEDS, output_type="pt")

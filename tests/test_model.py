@@ -83,7 +83,7 @@ def test_training_loss_reaches_unet_and_fusion():
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert head.proj[-1].weight.grad.abs().sum() > 0
-    assert generator.unet.conv_in.weight.grad.abs().sum() > 0
+    assert generator.denoiser.unet.conv_in.weight.grad.abs().sum() > 0
 
 
 # the two mixed combinations (~3 s each) only with SLOW=1: each of their parts falls in the fast pair

@@ -3,7 +3,9 @@
 Writes a trained diffusion model (pixel or latent) as a diffusers-format folder that generates from a prompt
 without Hydra or the training code:
 
-    unet/                 UNet2DConditionModel.save_pretrained (the checkpoint's EMA weights)
+    unet/ or transformer/ the denoiser's diffusers model, save_pretrained (the checkpoint's EMA weights): a
+                          UNet2DConditionModel, or a diffusion transformer (PixArtTransformer2DModel) with, for
+                          generator.time_vector, its vector embedding in transformer/vector_embedding.safetensors
     scheduler/            the sampler the checkpoint samples with (noise schedule config + sampler kwargs)
     vae/                  the first stage of latent diffusion, its latent scale as `scaling_factor`
     fusion/fusion.pt2     the fusion head as a torch.export program (tokens, mask, pooled, timestep)
@@ -41,6 +43,7 @@ from text2img.encoders.hf import HFTextEncoder
 from text2img.errors import ConfigError
 from text2img.utils.files import atomic_path
 from text2img.fusion.base import FusionHead
+from text2img.generators.denoisers import Denoiser
 from text2img.generators.diffusion import DiffusionGenerator
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgModule
@@ -54,7 +57,7 @@ RULES = (("copy_encoder", FLAG), ("overwrite", FLAG))
 
 class FusionProgram(nn.Module):
     """A fusion head on plain tensors, for `torch.export`: (tokens, mask, pooled, timestep) -> (tokens, mask), and
-    the vector too with `vector` (for a UNet that adds it to its timestep embedding, `generator.time_vector`)."""
+    the vector too with `vector` (for a denoiser that adds it to its timestep embedding, `generator.time_vector`)."""
 
     def __init__(self, fusion: FusionHead, vector: bool = False) -> None:
         super().__init__()
@@ -221,7 +224,7 @@ def write_export(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        merged_copy(generator.unet).save_pretrained(tmp / pipeline.UNET_DIR)
+        save_denoiser(generator.denoiser, tmp)
         sampler.save_pretrained(tmp / pipeline.SCHEDULER_DIR)
         if isinstance(generator, LatentDiffusionGenerator):
             save_first_stage(generator, tmp / pipeline.VAE_DIR)
@@ -258,6 +261,16 @@ def write_export(
         if out.exists():  # empty, or overwrite=true: replaced only now that the new folder is complete
             shutil.rmtree(out)
     return out
+
+
+def save_denoiser(denoiser: Denoiser, folder: Path) -> None:
+    """The denoiser's diffusers model, LoRA merged, in `folder`/its `folder` (unet/, transformer/), and its vector
+    embedding where the network has none of its own (a DiT's, `pipeline.VECTOR_EMBEDDING_FILE`)."""
+    merged = merged_copy(denoiser)
+    merged.network.save_pretrained(folder / denoiser.folder)
+    if merged.vector_embedding is not None:
+        weights = {name: value.detach().contiguous() for name, value in merged.vector_embedding.state_dict().items()}
+        save_file(weights, folder / pipeline.VECTOR_EMBEDDING_FILE)
 
 
 def save_first_stage(generator: LatentDiffusionGenerator, folder: Path) -> None:
@@ -328,8 +341,12 @@ that was encoded in other batches, whose last bits can differ: against those, pi
 
 ## What is in the folder
 
-- `unet/`: a diffusers `UNet2DConditionModel` (`UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`);
-  with `patch_size` p > 1 in text2img.json it denoises `pixel_unshuffle(x, p)` (p x p patches as channels).
+- `unet/` or `transformer/`: the denoiser. A diffusers `UNet2DConditionModel`
+  (`UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`); with `patch_size` p > 1 in text2img.json it
+  denoises `pixel_unshuffle(x, p)` (p x p patches as channels). Or a diffusion transformer
+  (`<its _class_name>.from_pretrained(folder, subfolder="transformer")`, which embeds p x p patches itself); with
+  `transformer/vector_embedding.safetensors` (a diffusers `TimestepEmbedding`), its output for the fusion head's
+  vector is added to the transformer's timestep embedding.
 - `scheduler/`: the sampler (`<its _class_name>.from_pretrained(folder, subfolder="scheduler")`).
 {vae}- `fusion/fusion.pt2`: the fusion head, a `torch.export` program (`torch.export.load(...).module()`):
   `(tokens [B, L, D], mask [B, L] bool, pooled [B, D], timestep [B]) -> (cross-attention tokens, mask)`;

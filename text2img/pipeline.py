@@ -24,7 +24,8 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+from diffusers import AutoencoderKL, ModelMixin, SchedulerMixin, UNet2DConditionModel
+from diffusers.models.embeddings import TimestepEmbedding
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -41,6 +42,7 @@ from .sampling.runtime import (
     row_generators,
     sample,
     sampling_settings,
+    transformer_prediction,
     unconditional,
     unet_prediction,
 )
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SETTINGS_FILE = "text2img.json"
 UNET_DIR = "unet"
+# a diffusion transformer instead of the UNet, and its vector embedding (generator.time_vector) beside it
+TRANSFORMER_DIR = "transformer"
+VECTOR_EMBEDDING_FILE = "transformer/vector_embedding.safetensors"
 SCHEDULER_DIR = "scheduler"
 VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -73,15 +78,18 @@ class Sampling:
     image_size: int
     model_channels: int  # 3 for pixels, the first stage's latent channels otherwise
     model_size: int  # side of the space diffusion runs in (image_size / the first stage's downsampling)
-    patch_size: int  # p x p patches folded into channels before the UNet
+    patch_size: int  # p x p patches: folded into channels before a UNet, a transformer's own patch size
     guidance_scale: float
     sample_steps: int
     num_train_timesteps: int
 
 
 class Text2ImgPipeline:
-    """Prompt -> text encoder -> fusion head -> UNet denoising loop (classifier-free guidance) -> images, or edited
+    """Prompt -> text encoder -> fusion head -> denoising loop (classifier-free guidance) -> images, or edited
     images (image-to-image, inpainting); the loop is text2img's own (`text2img.sampling.runtime.sample`).
+
+    The denoiser is `unet`, or `transformer` (a diffusion transformer) with, for a model that adds the fusion head's
+    vector to its timestep embedding, `vector_embedding`.
 
     Image i's noise comes from `torch.Generator().manual_seed(seeds[i])` on the CPU, as in training, and every
     image is computed at the same shapes (prompts padded to the encoder's `max_length`, `GENERATION_CHUNK`
@@ -91,7 +99,7 @@ class Text2ImgPipeline:
 
     def __init__(
         self,
-        unet: UNet2DConditionModel,
+        unet: UNet2DConditionModel | None,
         scheduler: SchedulerMixin,
         fusion: nn.Module,
         null_text: dict[str, Tensor],
@@ -101,8 +109,14 @@ class Text2ImgPipeline:
         sampling: Sampling,
         vae: AutoencoderKL | None = None,
         device: torch.device | str = "cpu",
+        transformer: ModelMixin | None = None,
+        vector_embedding: nn.Module | None = None,
     ) -> None:
+        if (unet is None) == (transformer is None):
+            raise ValueError("give the pipeline one denoiser: a unet or a transformer")
         self.unet = unet
+        self.transformer = transformer
+        self.vector_embedding = vector_embedding
         self.scheduler = scheduler
         self.fusion = fusion
         self.null_text = null_text
@@ -123,7 +137,15 @@ class Text2ImgPipeline:
         settings = json.loads(settings_file.read_text())
         if settings.get("format") != FORMAT_VERSION:
             raise ValueError(f"{settings_file} has format {settings.get('format')}; this loader reads {FORMAT_VERSION}")
-        unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR).to(device).eval()
+        unet = transformer = vector_embedding = None
+        if (folder / TRANSFORMER_DIR).is_dir():
+            transformer_class = json.loads((folder / TRANSFORMER_DIR / "config.json").read_text())["_class_name"]
+            transformer = getattr(diffusers, transformer_class).from_pretrained(folder / TRANSFORMER_DIR)
+            transformer = transformer.to(device).eval()
+            if (folder / VECTOR_EMBEDDING_FILE).is_file():
+                vector_embedding = load_vector_embedding(folder / VECTOR_EMBEDDING_FILE).to(device).eval()
+        else:
+            unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR).to(device).eval()
         scheduler_class = json.loads((folder / SCHEDULER_DIR / "scheduler_config.json").read_text())["_class_name"]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(folder / SCHEDULER_DIR)
         vae = None
@@ -160,6 +182,8 @@ class Text2ImgPipeline:
             sampling=Sampling(**settings["generator"]),
             vae=vae,
             device=device,
+            transformer=transformer,
+            vector_embedding=vector_embedding,
         )
 
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,10 +207,13 @@ class Text2ImgPipeline:
     def _denoise(self, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> Tensor:
         """The model's prediction for x at timesteps t; the fusion head runs at every step (it may use t).
 
-        A UNet with a class embedding adds the head's vector to its timestep embedding (`generator.time_vector`);
-        its fusion program then returns the vector as a third output.
+        A UNet with a class embedding, or a transformer with a vector embedding, adds the head's vector to its
+        timestep embedding (`generator.time_vector`); its fusion program then returns the vector as a third output.
         """
         cond_tokens, cond_mask, *vector = self.fusion(tokens, mask, pooled, t)
+        if self.transformer is not None:
+            added = vector[0] if self.vector_embedding is not None else None
+            return transformer_prediction(self.transformer, x, t, cond_tokens, cond_mask, self.vector_embedding, added)
         class_labels = vector[0] if self.unet.config.class_embed_type is not None else None
         return unet_prediction(self.unet, x, t, cond_tokens, cond_mask, class_labels, self.sampling.patch_size)
 
@@ -321,6 +348,15 @@ class Text2ImgPipeline:
             return images
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(array) for array in pixels]
+
+
+def load_vector_embedding(path: Path) -> TimestepEmbedding:
+    """The `TimestepEmbedding` (Linear -> SiLU -> Linear) saved at `path`, sized from its weights."""
+    weights = load_file(path)
+    width, features = weights["linear_1.weight"].shape
+    embedding = TimestepEmbedding(features, width)
+    embedding.load_state_dict(weights)
+    return embedding
 
 
 def pils_to_tensor(images: Sequence[Image.Image], size: int) -> Tensor:

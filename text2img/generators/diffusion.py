@@ -1,8 +1,9 @@
-"""Pixel-space diffusion with a diffusers UNet, noise schedule and sampler."""
+"""Pixel-space diffusion with a diffusers denoiser (UNet or diffusion transformer), noise schedule and sampler."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
+from text2img.generators.denoisers import Denoiser, UNetDenoiser
 from text2img.sampling import runtime
 from text2img.sampling.runtime import ImageEdit
 from text2img.types import TextEmbedding
@@ -21,15 +23,20 @@ __all__ = ["DiffusionGenerator", "ImageEdit"]
 
 
 class DiffusionGenerator(Generator):
-    """A UNet with cross-attention on the fused text tokens, trained with DDPM noise.
+    """A denoiser with cross-attention on the fused text tokens, trained with DDPM noise.
 
-    `patch_size` > 1 folds p×p pixel patches into channels before the UNet (and unfolds after):
-    the model still denoises pixels, at a p²-times cheaper spatial resolution, which is what
-    makes 32-px training affordable on a CPU.
+    `denoiser` builds the network (`Denoiser`: a UNet, `UNetDenoiser`, or a diffusion transformer, `DiTDenoiser`)
+    for the space diffusion runs in; the generator calls it as `(x, t, tokens, mask, vector) -> prediction` and
+    does not depend on which it is. Configs written before denoisers existed (checkpoints carry theirs) give
+    `unet`, a UNet partial, instead: it becomes a `UNetDenoiser`, and their weights load under its names.
+
+    `patch_size` > 1 makes p×p positions of the space one position of the denoiser (the UNet folds them into
+    channels, the DiT embeds them as one patch): the model still denoises pixels, at a p²-times cheaper spatial
+    resolution, which is what makes 32-px training affordable on a CPU.
     `loss_weighting="min_snr"` clamps the per-timestep weight at `snr_gamma` (Hang et al. 2023),
     which speeds up convergence by not over-weighting the easy low-noise steps.
-    `time_vector=True` also adds the fusion head's vector to the UNet's timestep embedding, through diffusers'
-    projection class embedding (Linear -> SiLU -> Linear of `class_labels`), as SDXL and Imagen add pooled text.
+    `time_vector=True` also adds the fusion head's vector to the denoiser's timestep embedding (through a
+    Linear -> SiLU -> Linear projection), as SDXL and Imagen add pooled text.
     """
 
     requires = consumes = frozenset({"tokens"})
@@ -37,7 +44,6 @@ class DiffusionGenerator(Generator):
 
     def __init__(
         self,
-        unet: Callable[..., UNet2DConditionModel],
         noise_scheduler: DDPMScheduler,
         sampler: type[SchedulerMixin],
         image_size: int,
@@ -51,6 +57,8 @@ class DiffusionGenerator(Generator):
         model_channels: int = 3,
         model_size: int | None = None,
         time_vector: bool = False,
+        denoiser: Callable[..., Denoiser] | None = None,
+        unet: Callable[..., UNet2DConditionModel] | None = None,
     ) -> None:
         """`model_channels` and `model_size` describe the space diffusion runs in: the image's by default,
         a first stage's latents for subclasses (which also override `to_model_space`/`from_model_space`)."""
@@ -66,15 +74,13 @@ class DiffusionGenerator(Generator):
             raise ConfigError(f"generator.loss_weighting={loss_weighting!r} is unknown; use none or min_snr")
         self.model_channels = model_channels
         self.model_size = model_size
-        channels = model_channels * patch_size**2
-        class_embedding = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": cond_dim}
-        self.unet = unet(
-            sample_size=model_size // patch_size,
-            in_channels=channels,
-            out_channels=channels,
-            cross_attention_dim=cond_dim,
-            **(class_embedding if time_vector else {}),
+        if (denoiser is None) == (unet is None):
+            raise ConfigError("give generator.denoiser (conf/generator/denoiser/), or generator.unet alone")
+        denoiser = partial(UNetDenoiser, unet) if denoiser is None else denoiser
+        self.denoiser = denoiser(
+            channels=model_channels, size=model_size, cond_dim=cond_dim, patch_size=patch_size, time_vector=time_vector
         )
+        self.register_load_state_dict_pre_hook(_upgrade_old_keys)
         self.time_vector = time_vector
         if time_vector:
             self.requires = self.consumes = frozenset({"tokens", "vector"})
@@ -90,8 +96,8 @@ class DiffusionGenerator(Generator):
         self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
 
     def lora_module(self) -> nn.Module:
-        """The UNet: a first stage (latent diffusion) stays frozen."""
-        return self.unet
+        """The denoiser: a first stage (latent diffusion) stays frozen."""
+        return self.denoiser
 
     @property
     def prediction_type(self) -> str:
@@ -107,8 +113,7 @@ class DiffusionGenerator(Generator):
 
     def _denoise(self, x: Tensor, t: Tensor, text: TextEmbedding, fusion: FusionHead) -> Tensor:
         cond = fusion(text, t if fusion.timestep_aware else None)
-        vector = cond.vector if self.time_vector else None
-        return runtime.unet_prediction(self.unet, x, t, cond.tokens, cond.mask, vector, self.patch_size)
+        return self.denoiser(x, t, cond.tokens, cond.mask, cond.vector if self.time_vector else None)
 
     def training_loss(
         self, images: Tensor, text: TextEmbedding, fusion: FusionHead, latents: Tensor | None = None
@@ -171,3 +176,12 @@ class DiffusionGenerator(Generator):
             (self.model_channels, self.model_size, self.model_size), guidance_scale, steps, edit=edit,
             to_model_space=self.to_model_space, from_model_space=self.from_model_space,
         )
+
+
+def _upgrade_old_keys(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: the UNet of a checkpoint written before denoisers was the generator's `unet`; its
+    keys are renamed in place to the `UNetDenoiser`'s. Every way weights load goes through it: Lightning's
+    checkpoint and EMA restore, `load_model`, `model.init_from`."""
+    old = prefix + "unet."
+    for key in [key for key in state if key.startswith(old)]:
+        state[prefix + "denoiser.unet." + key[len(old):]] = state.pop(key)

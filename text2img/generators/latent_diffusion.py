@@ -53,16 +53,6 @@ class LatentDiffusionGenerator(DiffusionGenerator):
         super().__init__(
             image_size=image_size, model_channels=first_stage.latent_channels, model_size=latent_size, **diffusion
         )
-        levels = len(self.unet.config.down_block_types)
-        multiple = 2 ** (levels - 1) * self.patch_size
-        if latent_size % multiple:
-            raise ConfigError(
-                f"generator=ldm: the first stage ({first_stage.source}) turns {image_size}-px images into "
-                f"{first_stage.latent_channels}x{latent_size}x{latent_size} latents, which a {levels}-level UNet with "
-                f"patch_size {self.patch_size} cannot halve {levels - 1} times (the side must be a multiple of "
-                f"{multiple}); use fewer generator.unet.block_out_channels, a larger image size or a first stage "
-                "that downsamples less"
-            )
         self.first_stage = first_stage
         self.cache_latents = cache_latents
         self.register_buffer("latent_scale", torch.tensor(0.0 if latent_scale is None else float(latent_scale)))

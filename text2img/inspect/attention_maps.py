@@ -3,8 +3,9 @@
 The generator's cross-attention layers are wrapped for the length of one `model.generate` call: every call
 of a layer adds its attention probabilities (softmax over the conditioning tokens, averaged over heads) to a
 running sum, per resolution. The result is the mean over layers and sampling steps, upsampled to the image.
-Backends: `diffusion` and `ldm` (the cross-attention layers of the diffusers UNet), and `gan` with
-`generator.attention=true` (its one `TokenCrossAttention`).
+Backends: `diffusion`, `dit` and `ldm` (the cross-attention layers of the diffusers UNet or diffusion transformer:
+the DiT's positions are its patches, a square grid too), and `gan` with `generator.attention=true` (its one
+`TokenCrossAttention`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def recording_cross_attention(generator: nn.Module, recorded: AttentionSum) -> I
     """Record every cross-attention call of `generator` into `recorded` while the block runs; the layers are
     restored afterwards, also on errors."""
     if isinstance(generator, DiffusionGenerator):
-        layers = [m for m in generator.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+        layers = [m for m in generator.denoiser.modules() if isinstance(m, Attention) and m.is_cross_attention]
         originals = [layer.processor for layer in layers]
         for layer in layers:
             layer.set_processor(RecordingAttnProcessor(layer.processor, recorded))
@@ -136,7 +137,7 @@ def recording_cross_attention(generator: nn.Module, recorded: AttentionSum) -> I
         detail = " without generator.attention=true" if isinstance(generator, GANGenerator) else ""
         raise ConfigError(
             f"{type(generator).__name__}{detail} has no cross-attention on text tokens; attention maps exist for "
-            "generator=diffusion, generator=ldm and generator=gan with generator.attention=true"
+            "generator=diffusion, generator=dit, generator=ldm and generator=gan with generator.attention=true"
         )
 
     def record(layer: TokenCrossAttention, args: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:

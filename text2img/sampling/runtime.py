@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from diffusers import SchedulerMixin
+from diffusers.models.normalization import AdaLayerNormSingle
 from torch import Tensor, nn
 
 # A text embedding as plain tensors: tokens [B, L, D] (zero at padding), mask [B, L] bool, pooled [B, D].
@@ -142,6 +143,32 @@ def unet_prediction(
         class_labels=vector,
     ).sample
     return F.pixel_shuffle(out, patch_size)
+
+
+def transformer_prediction(
+    transformer: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    vector_embedding: nn.Module | None,
+    vector: Tensor | None,
+) -> Tensor:
+    """A diffusers diffusion transformer's prediction for x [B, C, H, W] at timesteps t [B], cross-attending to
+    `tokens` where `mask` is True (PixArt's arguments; it patchifies x itself).
+
+    With `vector`, `vector_embedding(vector)` is added to the timestep embedding, before the adaLN-single
+    modulation and the output layer read it, as a UNet's class embedding is: the transformer has no input for it,
+    so it is added to the output of its `AdaLayerNormSingle`'s embedding for the length of this call."""
+    if vector is None:
+        return transformer(x, encoder_hidden_states=tokens, timestep=t, encoder_attention_mask=mask).sample
+    added = vector_embedding(vector)
+    (adaln,) = [module for module in transformer.modules() if isinstance(module, AdaLayerNormSingle)]
+    hook = adaln.emb.register_forward_hook(lambda module, inputs, output: output + added.to(output.dtype))
+    try:
+        return transformer(x, encoder_hidden_states=tokens, timestep=t, encoder_attention_mask=mask).sample
+    finally:
+        hook.remove()
 
 
 def _identity(x: Tensor) -> Tensor:
