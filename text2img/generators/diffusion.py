@@ -15,20 +15,29 @@ from text2img.errors import ConfigError
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
 from text2img.generators.denoisers import Denoiser, UNetDenoiser
+from text2img.generators.flow import RectifiedFlow
 from text2img.sampling import runtime
 from text2img.sampling.runtime import ImageEdit
 from text2img.types import TextEmbedding
 
 __all__ = ["DiffusionGenerator", "ImageEdit"]
 
+# What the network learns to predict: DDPM noise (epsilon), its velocity (v_prediction), or rectified flow's velocity.
+OBJECTIVES = ("epsilon", "v_prediction", "flow")
+
 
 class DiffusionGenerator(Generator):
-    """A denoiser with cross-attention on the fused text tokens, trained with DDPM noise.
+    """A denoiser with cross-attention on the fused text tokens, trained with DDPM noise or rectified flow.
 
     `denoiser` builds the network (`Denoiser`: a UNet, `UNetDenoiser`, or a diffusion transformer, `DiTDenoiser`)
     for the space diffusion runs in; the generator calls it as `(x, t, tokens, mask, vector) -> prediction` and
     does not depend on which it is. Configs written before denoisers existed (checkpoints carry theirs) give
     `unet`, a UNet partial, instead: it becomes a `UNetDenoiser`, and their weights load under its names.
+
+    `objective` is what the network predicts: epsilon or v_prediction on `noise_scheduler`'s DDPM noise, sampled
+    with `sampler`; or flow, rectified flow's velocity (`flow`, a `RectifiedFlow`: its timestep sampling, shift and
+    flow-matching sampler). None takes the noise scheduler's prediction_type, where configs written before
+    `objective` existed (checkpoints carry theirs) set it.
 
     `patch_size` > 1 makes p×p positions of the space one position of the denoiser (the UNet folds them into
     channels, the DiT embeds them as one patch): the model still denoises pixels, at a p²-times cheaper spatial
@@ -57,6 +66,8 @@ class DiffusionGenerator(Generator):
         model_channels: int = 3,
         model_size: int | None = None,
         time_vector: bool = False,
+        objective: str | None = None,
+        flow: RectifiedFlow | None = None,
         denoiser: Callable[..., Denoiser] | None = None,
         unet: Callable[..., UNet2DConditionModel] | None = None,
     ) -> None:
@@ -72,6 +83,7 @@ class DiffusionGenerator(Generator):
             )
         if loss_weighting not in ("none", "min_snr"):
             raise ConfigError(f"generator.loss_weighting={loss_weighting!r} is unknown; use none or min_snr")
+        objective = check_objective(objective, noise_scheduler, flow, loss_weighting)
         self.model_channels = model_channels
         self.model_size = model_size
         if (denoiser is None) == (unet is None):
@@ -84,6 +96,10 @@ class DiffusionGenerator(Generator):
         self.time_vector = time_vector
         if time_vector:
             self.requires = self.consumes = frozenset({"tokens", "vector"})
+        self.objective = objective
+        self.flow = flow if objective == "flow" else None
+        if self.flow is not None:  # the flow schedule's config is what its samplers are built from
+            noise_scheduler, sampler, sampler_kwargs = self.flow.schedule(), self.flow.sampler, self.flow.sampler_kwargs
         self.noise_scheduler = noise_scheduler
         self.sampler = sampler
         self.sampler_kwargs = dict(sampler_kwargs or {})
@@ -92,16 +108,13 @@ class DiffusionGenerator(Generator):
         self.guidance_scale = guidance_scale
         self.loss_weighting = loss_weighting
         self.snr_gamma = snr_gamma
-        alphas = noise_scheduler.alphas_cumprod
-        self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
+        if self.flow is None:
+            alphas = noise_scheduler.alphas_cumprod
+            self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
 
     def lora_module(self) -> nn.Module:
         """The denoiser: a first stage (latent diffusion) stays frozen."""
         return self.denoiser
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
 
     def to_model_space(self, images: Tensor, latents: Tensor | None = None) -> Tensor:
         """Images in [-1, 1] -> what diffusion runs on (`latents`: a batch's cached first-stage output)."""
@@ -120,20 +133,18 @@ class DiffusionGenerator(Generator):
     ) -> Tensor:
         x0 = self.to_model_space(images, latents)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        if self.flow is not None:
+            noisy, t, target = self.flow.training_example(x0, noise)
         else:
-            raise ConfigError(f"prediction_type={self.prediction_type!r} is unsupported; use epsilon or v_prediction")
+            t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            noisy = self.noise_scheduler.add_noise(x0, noise, t)
+            target = noise if self.objective == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
         pred = self._denoise(noisy, t, text, fusion)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
         if self.loss_weighting == "min_snr":
             snr = self.snr.to(x0.device)[t]
             clamped = torch.clamp(snr, max=self.snr_gamma)
-            loss = loss * (clamped / (snr + 1) if self.prediction_type == "v_prediction" else clamped / snr)
+            loss = loss * (clamped / (snr + 1) if self.objective == "v_prediction" else clamped / snr)
         return loss.mean()
 
     def make_sampler(self) -> SchedulerMixin:
@@ -176,6 +187,33 @@ class DiffusionGenerator(Generator):
             (self.model_channels, self.model_size, self.model_size), guidance_scale, steps, edit=edit,
             to_model_space=self.to_model_space, from_model_space=self.from_model_space,
         )
+
+
+def check_objective(
+    objective: str | None, noise_scheduler: DDPMScheduler, flow: RectifiedFlow | None, loss_weighting: str
+) -> str:
+    """The objective (None: the noise scheduler's prediction_type), checked against the settings it needs."""
+    scheduler_prediction = noise_scheduler.config.prediction_type
+    objective = scheduler_prediction if objective is None else objective
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"generator.objective={objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
+    if objective != "flow" and scheduler_prediction != objective:
+        raise ConfigError(
+            f"generator.noise_scheduler.prediction_type={scheduler_prediction} disagrees with "
+            f"generator.objective={objective}; the objective names the prediction: set "
+            f"generator.objective={scheduler_prediction} and not the scheduler's prediction_type"
+        )
+    if objective == "flow" and flow is None:
+        raise ConfigError(
+            "generator.objective=flow needs generator.flow, its settings; add them as conf/generator/diffusion.yaml has"
+        )
+    if objective == "flow" and loss_weighting != "none":
+        raise ConfigError(
+            f"generator.loss_weighting={loss_weighting} weights DDPM noise levels by their SNR and does not apply "
+            "to generator.objective=flow; use generator.loss_weighting=none (flow weights t by its sampling)"
+        )
+    return objective
+
 
 
 def _upgrade_old_keys(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -25,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from text2img.data.splits import check_fractions
 from text2img.encoders.hf import MODES, POOLINGS, HFTextEncoder, pretrained_config
 from text2img.errors import ConfigError
+from text2img.generators.diffusion import OBJECTIVES
+from text2img.generators.flow import TIMESTEP_SAMPLING
 from text2img.utils.checkpoints import load_checkpoint
 from text2img.utils.precision import WEIGHT_DTYPES
 
@@ -143,8 +145,13 @@ RULES: tuple[tuple[str, Requirement], ...] = (
     ("generator.loss_weighting", one_of("none", "min_snr")),
     ("generator.snr_gamma", POSITIVE),
     ("generator.time_vector", FLAG),
+    ("generator.objective", one_of(*OBJECTIVES)),
     ("generator.noise_scheduler.num_train_timesteps", SIZE),
-    ("generator.noise_scheduler.prediction_type", one_of("epsilon", "v_prediction")),
+    ("generator.flow.timesteps", one_of(*TIMESTEP_SAMPLING)),
+    ("generator.flow.logit_mean", NUMBER),
+    ("generator.flow.logit_std", POSITIVE),
+    ("generator.flow.shift", POSITIVE),
+    ("generator.flow.num_train_timesteps", SIZE),
     ("generator.latent_scale", POSITIVE | NULL),
     ("generator.cache_latents", FLAG),
     ("generator.first_stage.dtype", one_of(*WEIGHT_DTYPES)),
