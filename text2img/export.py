@@ -257,7 +257,7 @@ def write_export(
         (tmp / pipeline.SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         write_loader(tmp / pipeline.LOADER_PACKAGE)
         has_vae = (tmp / pipeline.VAE_DIR).is_dir()
-        (tmp / "README.md").write_text(readme(settings, generator.prediction_type, has_vae))
+        (tmp / "README.md").write_text(readme(settings, generator.objective, has_vae))
         if out.exists():  # empty, or overwrite=true: replaced only now that the new folder is complete
             shutil.rmtree(out)
     return out
@@ -282,7 +282,7 @@ def save_first_stage(generator: LatentDiffusionGenerator, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def readme(settings: dict[str, Any], prediction_type: str, has_vae: bool) -> str:
+def readme(settings: dict[str, Any], objective: str, has_vae: bool) -> str:
     text, sampling = settings["text_encoder"], settings["generator"]
     reference = json.dumps(text["reference"])
     if text["weights"] and text["reference"] is None:
@@ -304,7 +304,7 @@ def readme(settings: dict[str, Any], prediction_type: str, has_vae: bool) -> str
     )
     return README.format(
         size=sampling["image_size"], steps=sampling["sample_steps"], guidance=sampling["guidance_scale"],
-        prediction=prediction_type, encoder=encoder, identity=json.dumps(text["identity"]), vae=vae if has_vae else "",
+        objective=objective, encoder=encoder, identity=json.dumps(text["identity"]), vae=vae if has_vae else "",
     )
 
 
@@ -332,7 +332,7 @@ greener = pipe(["a green apple"], image=photo, strength=0.6)  # image-to-image (
 filled = pipe(["a pear"], image=photo, mask_image=mask)       # inpainting: black pixels come back unchanged
 ```
 
-Defaults: `guidance_scale={guidance}` (classifier-free guidance; 1 = none), `steps={steps}`, {prediction} prediction.
+Defaults: `guidance_scale={guidance}` (classifier-free guidance; 1 = none), `steps={steps}`; objective {objective}.
 Image i's starting noise comes from `torch.Generator().manual_seed(seed_i)` on the CPU, as in text2img, so a
 seed gives the image the checkpoint gives in text2img, in any batch. On one machine in float32 the two are
 identical when text2img encodes the prompts afresh. Training and evaluation read text embeddings from a cache

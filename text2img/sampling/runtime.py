@@ -175,6 +175,18 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def is_flow(scheduler: SchedulerMixin) -> bool:
+    """Whether `scheduler` is one of diffusers' flow-matching schedulers (FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler, ...): they move along x_t = (1 - sigma) x0 + sigma noise from sigma 1, noise
+    with `scale_noise` and have no `add_noise`, `init_noise_sigma` or input scaling."""
+    return hasattr(scheduler, "scale_noise")
+
+
+def noised(scheduler: SchedulerMixin, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """`x0` noised to the scheduler's level at timesteps `t` [B] with `noise`, as its own forward process does."""
+    return scheduler.scale_noise(x0, t, noise) if is_flow(scheduler) else scheduler.add_noise(x0, noise, t)
+
+
 @torch.no_grad()
 def sample(
     denoise: Denoise,
@@ -207,25 +219,27 @@ def sample(
     """
     device = text[0].device
     scheduler.set_timesteps(steps, device=device)
+    flow = is_flow(scheduler)
     guided = guidance_scale != 1.0
     both = with_unconditional(text, null_text) if guided else text
     noise = per_sample_noise(shape, generators, device)
     timesteps = scheduler.timesteps
     x0 = keep = None
     if edit is None:
-        x = noise * scheduler.init_noise_sigma
+        x = noise if flow else noise * scheduler.init_noise_sigma
     else:
         x0 = to_model_space(edit.images.to(device))
         begin = (steps - max(1, round(steps * edit.strength))) * scheduler.order
         timesteps = timesteps[begin:]
         if hasattr(scheduler, "set_begin_index"):  # multistep solvers index their sigmas from here
             scheduler.set_begin_index(begin)
-        x = scheduler.add_noise(x0, noise, timesteps[:1].expand(len(x0)))
+        x = noised(scheduler, x0, noise, timesteps[:1].expand(len(x0)))
         if edit.mask is not None:
             # A model-space position is regenerated if any pixel it covers is (max-pooling the mask).
             keep = 1.0 - F.adaptive_max_pool2d(edit.mask.to(device, x.dtype), shape[-1])
     for i, t in enumerate(timesteps):
-        model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        model_in = torch.cat([x, x]) if guided else x
+        model_in = model_in if flow else scheduler.scale_model_input(model_in, t)
         pred = denoise(model_in, t.expand(model_in.shape[0]).to(device), *both)
         if guided:
             cond, uncond = pred.chunk(2)
@@ -233,7 +247,7 @@ def sample(
         x = scheduler.step(pred, t, x, generator=generators).prev_sample
         if keep is not None:
             last = i + 1 == len(timesteps)
-            known_t = x0 if last else scheduler.add_noise(x0, noise, timesteps[i + 1 : i + 2].expand(len(x0)))
+            known_t = x0 if last else noised(scheduler, x0, noise, timesteps[i + 1 : i + 2].expand(len(x0)))
             x = keep * known_t + (1.0 - keep) * x
     images = from_model_space(x).clamp(-1, 1)
     if edit is not None and edit.mask is not None:
