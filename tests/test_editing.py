@@ -192,3 +192,36 @@ def test_a_backend_without_timesteps_refuses_editing_in_one_line(cfg) -> None:
     assert model.generate(prompts(model, 1), [0]).shape == (1, 3, SIZE, SIZE)  # sampling still works
     with pytest.raises(ConfigError, match="^NoTimesteps cannot edit images .*; drop init_image, mask and strength"):
         edit(model, disc((1, 0, 0), 1), 0.5)
+
+
+@pytest.fixture(scope="module")
+def flow_model(tmp_path_factory: pytest.TempPathFactory) -> Text2ImgModule:
+    """The smoke-sized pixel model with `generator.objective=flow` (rectified flow, Euler sampling), untrained."""
+    cfg = compose_train(tmp_path_factory.mktemp("flow"), ["debug=smoke", "generator.objective=flow"])
+    torch.manual_seed(0)
+    return module_with(cfg, instantiate(cfg.generator))
+
+
+@pytest.mark.parametrize("sampler", ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"])
+def test_flow_inpainting_keeps_unmasked_pixels_exactly_and_changes_masked_ones(
+    sampler: str, flow_model: Text2ImgModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flow schedulers noise the kept region with `scale_noise` (they have no `add_noise`); Heun's two calls a
+    step index their sigmas as the runtime's `timesteps[i + 1]` does."""
+    monkeypatch.setattr(flow_model.generator, "sampler", getattr(__import__("diffusers"), sampler))
+    images, mask = disc((0.9, 0.1, 0.1), 2), lower_half_mask(2)
+    out = edit(flow_model, images, mask=mask, guidance_scale=1.0)  # unguided: half the time, the same mechanics
+    keep = ~mask.bool().expand_as(out)
+    assert torch.equal(out[keep], ((images + 1) / 2)[keep])
+    assert (out - (images + 1) / 2)[~keep].abs().mean() > 0.05
+
+
+def test_flow_img2img_follows_strength_from_the_input_to_text_to_image(flow_model: Text2ImgModule) -> None:
+    """On the straight path the last of 20 Euler steps starts at sigma 1/1000: the input comes back almost as it
+    went in; at strength 1 the input is weighted by 1 - sigma = 0, so the image is text-to-image's, bit for bit."""
+    images, unguided = disc((0.1, 0.7, 0.2), 2), {"guidance_scale": 1.0}
+    distance = [(edit(flow_model, images, s, **unguided) - (images + 1) / 2).abs() for s in (0.05, 0.5, 0.9)]
+    assert distance[0].max() < 0.01, distance[0].max()
+    assert distance[0].mean() < distance[1].mean() < distance[2].mean()
+    plain = flow_model.generate(prompts(flow_model, 2), [0, 1], steps=STEPS, **unguided)
+    assert torch.equal(edit(flow_model, images, 1.0, **unguided), plain)

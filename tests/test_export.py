@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, compose_train, run_entry_point, smoke_overrides, write_imagefolder
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler, UNet2DConditionModel,
+)
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 from PIL import Image
@@ -27,6 +30,7 @@ from text2img.errors import ConfigError
 from text2img.export import export, export_fusion, loader_files, write_export
 from text2img.fusion import FusionHead, TokenProjection
 from text2img.generators.first_stage import FirstStage
+from text2img.generators.flow import RectifiedFlow
 from text2img.generators.latent_diffusion import LatentDiffusionGenerator
 from text2img.lightning import Text2ImgModule
 from text2img.pipeline import FUSION_FILE, LOADER_PACKAGE, SETTINGS_FILE, Text2ImgPipeline
@@ -205,9 +209,9 @@ def tiny_autoencoder(image_size: int) -> AutoencoderKL:
     )
 
 
-def tiny_latent_module() -> tuple[Text2ImgModule, TinyEncoder]:
+def tiny_latent_module(flow: RectifiedFlow | None = None) -> tuple[Text2ImgModule, TinyEncoder]:
     """Latent diffusion on a tiny AutoencoderKL first stage (4x8x8 latents of 16-px images), untrained but
-    with randomised weights so that every part matters."""
+    with randomised weights so that every part matters; with `flow`, trained with rectified flow."""
     autoencoder = tiny_autoencoder(16)
     unet = partial(
         UNet2DConditionModel, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
@@ -217,6 +221,7 @@ def tiny_latent_module() -> tuple[Text2ImgModule, TinyEncoder]:
         first_stage=FirstStage(autoencoder, source="test"), image_size=16, latent_scale=0.7, unet=unet,
         noise_scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type="epsilon"),
         sampler=get_class("diffusers.DDIMScheduler"), cond_dim=32, sample_steps=3, guidance_scale=2.0,
+        objective="flow" if flow else None, flow=flow,
     )
     encoder = TinyEncoder(hidden_size=64, max_length=24, layer=-2)
     model = Text2ImgModule(
@@ -334,8 +339,11 @@ def test_a_folder_that_is_not_an_export_is_one_line(tmp_path: Path) -> None:
     assert one_line(error) == f"{tmp_path} holds no text2img.json; pass a folder written by text2img.export"
 
 
-def tiny_pixel_module(fusion: FusionHead, time_vector: bool = False) -> tuple[Text2ImgModule, TinyEncoder]:
-    """Pixel diffusion on 16-px images with a tiny UNet and the given head (in 64, out 32), weights randomised."""
+def tiny_pixel_module(
+    fusion: FusionHead, time_vector: bool = False, flow: RectifiedFlow | None = None
+) -> tuple[Text2ImgModule, TinyEncoder]:
+    """Pixel diffusion on 16-px images with a tiny UNet and the given head (in 64, out 32), weights randomised;
+    with `flow`, trained with rectified flow."""
     from text2img.generators import DiffusionGenerator
 
     torch.manual_seed(0)
@@ -346,7 +354,7 @@ def tiny_pixel_module(fusion: FusionHead, time_vector: bool = False) -> tuple[Te
     generator = DiffusionGenerator(
         unet=unet, noise_scheduler=DDPMScheduler(num_train_timesteps=100, prediction_type="epsilon"),
         sampler=DPMSolverMultistepScheduler, image_size=16, cond_dim=32, patch_size=2, sample_steps=3,
-        guidance_scale=2.0, time_vector=time_vector,
+        guidance_scale=2.0, time_vector=time_vector, objective="flow" if flow else None, flow=flow,
     )
     encoder = TinyEncoder(hidden_size=64, max_length=24)
     model = Text2ImgModule(fusion, generator, TextConditioner(encoder, "unused"), optimizer=torch.optim.AdamW)
@@ -432,3 +440,33 @@ def test_loader_edit_arguments_are_checked(exported: Path) -> None:
         with pytest.raises(ValueError) as error:
             pipe(PROMPTS[:3], **options)
         assert one_line(error) == message
+
+
+@pytest.mark.parametrize(("space", "sampler"), [
+    ("pixel", FlowMatchEulerDiscreteScheduler), ("latent", FlowMatchHeunDiscreteScheduler),
+])
+def test_a_flow_model_exports_with_its_flow_scheduler_and_the_same_images(
+    tmp_path: Path, space: str, sampler: type
+) -> None:
+    """`generator.objective=flow`: the folder's scheduler is the flow-matching sampler, with the training shift,
+    and the loader draws and edits the model's images (flow schedulers noise with `scale_noise`)."""
+    flow = RectifiedFlow(shift=3.0, sampler=sampler)
+    if space == "pixel":
+        model, encoder = tiny_pixel_module(TokenProjection(64, 32, hidden_dim=48), flow=flow)
+    else:
+        model, encoder = tiny_latent_module(flow)
+    out = write_export(model, encoder, tmp_path / "model")
+    assert sampler.from_pretrained(out / "scheduler").config.shift == 3.0
+    assert "objective flow" in (out / "README.md").read_text()
+    pipe = Text2ImgPipeline.from_folder(out)
+    assert type(pipe.scheduler) is sampler
+    text = encoder.encode(PROMPTS)
+    assert torch.equal(pipe(PROMPTS, seed=SEEDS, output_type="pt"), model.generate(text, SEEDS))
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:, :] = 1
+    count = len(PROMPTS)
+    expected = model.generate(text, SEEDS, edit=ImageEdit(
+        (pixels * 2 - 1).expand(count, -1, -1, -1), 0.5, mask.expand(count, -1, -1, -1)))
+    images = pipe(PROMPTS, seed=SEEDS, output_type="pt", image=pixels, mask_image=mask, strength=0.5)
+    assert torch.equal(images, expected)
