@@ -13,7 +13,7 @@ import torch
 from conftest import compose_train, smoke_overrides, write_imagefolder
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_export import PROMPTS, SEEDS, TOLERANCE, one_line, tiny_latent_module
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
@@ -287,6 +287,22 @@ def test_adapter_file_holds_the_trainable_weights_only(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_adapters(plain, path)
     assert "missing" in one_line(error) and "unexpected" in one_line(error)
+
+
+def test_an_adapter_file_from_before_the_denoisers_loads(tmp_path: Path) -> None:
+    """Adapter files written when the UNet was `generator.unet` (before denoisers) load under today's names."""
+    model, encoder = lora_latent_module()
+    path = save_adapters(model, tmp_path / "adapters.safetensors")
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name.replace("generator.denoiser.unet.", "generator.unet."): file.get_tensor(name) for name in file.keys()}
+    assert any(name.startswith("generator.unet.") for name in tensors)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    fresh, _ = tiny_latent_module()
+    add_lora(fresh.generator.lora_module(), LoraSettings(rank=4), "model.generator_lora")
+    load_adapters(fresh, tmp_path / "old.safetensors")
+    text = encoder.encode(PROMPTS)
+    assert torch.equal(fresh.generate(text, SEEDS), model.generate(text, SEEDS))
 
 
 def test_a_lora_model_exports_merged_and_gives_the_same_images(tmp_path: Path) -> None:

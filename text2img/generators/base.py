@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +67,9 @@ class Generator(nn.Module, ABC):
         `generators` holds one CPU generator per sample: all randomness of sample i comes from
         `generators[i]`, so an image does not depend on the batch it is generated in.
         """
+
+    def upgrade_state_dict(self, state: dict[str, Any], prefix: str = "") -> None:
+        """Rename in place the keys under `prefix` that a checkpoint written by an older version uses (none here)."""
 
     def lora_module(self) -> nn.Module:
         """The part LoRA adapts with `generator_peft=lora` (the whole generator unless a subclass says otherwise)."""

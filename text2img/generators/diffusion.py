@@ -92,6 +92,7 @@ class DiffusionGenerator(Generator):
         self.denoiser = denoiser(
             channels=model_channels, size=model_size, cond_dim=cond_dim, patch_size=patch_size, time_vector=time_vector
         )
+        # Every way weights load goes through it: Lightning's checkpoint and EMA restore, load_model, init_from.
         self.register_load_state_dict_pre_hook(_upgrade_old_keys)
         self.time_vector = time_vector
         if time_vector:
@@ -111,6 +112,13 @@ class DiffusionGenerator(Generator):
         if self.flow is None:
             alphas = noise_scheduler.alphas_cumprod
             self.register_buffer("snr", alphas / (1 - alphas), persistent=False)
+
+    def upgrade_state_dict(self, state: dict[str, Any], prefix: str = "") -> None:
+        """The UNet of a checkpoint (or adapter file) written before denoisers was the generator's `unet`; its keys
+        under `prefix` are renamed in place to the `UNetDenoiser`'s."""
+        old = prefix + "unet."
+        for key in [key for key in state if key.startswith(old)]:
+            state[prefix + "denoiser.unet." + key[len(old):]] = state.pop(key)
 
     def lora_module(self) -> nn.Module:
         """The denoiser: a first stage (latent diffusion) stays frozen."""
@@ -215,11 +223,6 @@ def check_objective(
     return objective
 
 
-
-def _upgrade_old_keys(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-    """load_state_dict pre-hook: the UNet of a checkpoint written before denoisers was the generator's `unet`; its
-    keys are renamed in place to the `UNetDenoiser`'s. Every way weights load goes through it: Lightning's
-    checkpoint and EMA restore, `load_model`, `model.init_from`."""
-    old = prefix + "unet."
-    for key in [key for key in state if key.startswith(old)]:
-        state[prefix + "denoiser.unet." + key[len(old):]] = state.pop(key)
+def _upgrade_old_keys(module: DiffusionGenerator, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook (torch passes the module, also for a deep copy such as the EMA's)."""
+    module.upgrade_state_dict(state, prefix)

@@ -132,8 +132,11 @@ class Text2ImgModule(L.LightningModule):
             )
 
     def upgrade_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
-        """A state dict (or adapter file) written before the conditioner, under today's names."""
-        return upgrade_state_dict(state)
+        """A state dict (or adapter file) written under older names (before the conditioner, the denoisers), under
+        today's."""
+        state = upgrade_state_dict(state)
+        self.generator.upgrade_state_dict(state, "generator.")
+        return state
 
     def prepare_data(self) -> None:
         # once per node, on the device training will use: large language models run much faster on a GPU
