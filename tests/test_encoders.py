@@ -249,8 +249,8 @@ def test_export_settings_encode_like_the_encoder(tmp_path: Path) -> None:
     settings = text_encoder_settings(encoder, copy=True, folder=tmp_path / "text_encoder")
     tokenizer, model = load_text_model(str(tmp_path / "text_encoder"))
     prepare_text_model(tokenizer, model, "tiny")
-    # only the text side of the pipeline is exercised
-    pipe = Text2ImgPipeline(None, None, None, {}, tokenizer, model, settings, None)
+    denoiser = torch.nn.Identity()  # only the text side of the pipeline is exercised: it never calls the denoiser
+    pipe = Text2ImgPipeline(denoiser, None, None, {}, tokenizer, model, settings, None)
     tokens, mask, pooled = pipe.encode(CAPTIONS)
     expected = encoder.encode(CAPTIONS)
     assert torch.equal(mask, expected.mask)
@@ -262,7 +262,7 @@ def test_export_settings_encode_like_the_encoder(tmp_path: Path) -> None:
         del older[option]
     tokenizer, model = load_text_model(str(tmp_path / "plain"))
     prepare_text_model(tokenizer, model, "tiny")
-    tokens, _, _ = Text2ImgPipeline(None, None, None, {}, tokenizer, model, older, None).encode(CAPTIONS)
+    tokens, _, _ = Text2ImgPipeline(denoiser, None, None, {}, tokenizer, model, older, None).encode(CAPTIONS)
     torch.testing.assert_close(tokens, plain.encode(CAPTIONS).tokens, atol=1e-6, rtol=0)
 
 
