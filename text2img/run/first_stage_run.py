@@ -3,7 +3,7 @@
 A config with `generator.first_stage.source: null` and a `first_stage_run` entry (the preset
 `experiment=openmoji_ldm` has one) gets its first stage from the run
 
-    python -m text2img.train <first_stage_run.overrides>
+    python -m text2img.train <first_stage_run.overrides> [debug=<the outer run's debug mode>]
 
 made once and kept in `<first_stage_run.cache_dir>/<hash of the run's resolved config>/`: later runs, and
 sweep jobs or DDP ranks that start together, reuse its `checkpoints/last.ckpt` (a file lock makes one of
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from text2img.utils.paths import CONF_DIR
@@ -48,7 +49,11 @@ def ensure_first_stage(cfg: DictConfig) -> None:
             "generator.conditional=false, a diffusers AutoencoderKL folder or a hub name, or use "
             "experiment=openmoji_ldm, which trains one first"
         )
-    first_stage.source = str(trained_first_stage(list(run.overrides), Path(run.cache_dir), cfg.paths.cache_dir))
+    overrides = list(run.overrides)
+    debug = HydraConfig.get().runtime.choices.get("debug") if HydraConfig.initialized() else None
+    if debug is not None:
+        overrides.append(f"debug={debug}")  # a smoke run's first stage is a smoke run too, not minutes of training
+    first_stage.source = str(trained_first_stage(overrides, Path(run.cache_dir), cfg.paths.cache_dir))
 
 
 def compose_train_config(overrides: list[str]) -> DictConfig:
