@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONF_DIR, compose_train
+from conftest import CONF_DIR, compose_train, write_tiny_autoencoder
 from text2img.encoders.base import TextEncoder
 from text2img.fusion.base import FusionHead
 from text2img.generators.base import Generator
@@ -29,7 +29,9 @@ REQUIRED = {
 }
 # Latent diffusion needs a first stage: a tiny local one here (training without one says how to get one).
 NEEDS_FIRST_STAGE = {"generator=ldm"}
-NEEDS_GPU = {"trainer=gpu", "trainer=ddp", "trainer=fsdp", "experiment=openmoji_gpu"}
+NEEDS_GPU = {
+    "trainer=gpu", "trainer=ddp", "trainer=fsdp", "experiment=openmoji_gpu", "experiment=webdataset_dit_gpu",
+}
 # Options whose weights or dependencies cannot exist on the test machine: building them must say what is missing.
 UNAVAILABLE = {
     "extractor=inception": "extractor=inception needs torch-fidelity",
@@ -108,6 +110,46 @@ def test_every_generator_has_a_small_smoke_variant(generator, tmp_path, tiny_fir
     cfg = compose_train(tmp_path, [*option, "debug=smoke"])
     smoke = sum(p.numel() for p in instantiate(cfg.generator).parameters())
     assert smoke < full / 4, f"generator={generator} debug=smoke has {smoke} parameters (full size {full})"
+
+
+def test_the_real_corpus_preset_builds_offline(tmp_path):
+    """experiment=webdataset_dit_gpu composes without touching the hub (its first stage is a hub name, loaded
+    when the model is built) and, given shards and a local f8 first stage, builds: a DiT-B-sized latent DiT
+    over 2x2 patches of 4x32x32 latents of 256-px images, trained with rectified flow, and the streamed data
+    module."""
+    from test_webdataset import write_shards
+
+    from text2img.generators.denoisers import DiTDenoiser
+    from text2img.generators.flow import RectifiedFlow
+    from text2img.generators.latent_diffusion import LatentDiffusionGenerator
+    from text2img.lightning import WebDataModule
+
+    cfg = compose_train(tmp_path, ["experiment=webdataset_dit_gpu", "trainer.devices=8"])
+    assert cfg.generator.first_stage.source == "stabilityai/sd-vae-ft-mse"
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.precision) == (
+        "ddp_find_unused_parameters_true", 8, "bf16-mixed")
+    assert cfg.generator.first_stage.dtype == "bfloat16"  # the frozen VAE follows trainer.precision
+
+    write_shards(tmp_path / "shards", "train", 2, 4)
+    write_shards(tmp_path / "shards", "val", 1, 4)
+    first_stage = write_tiny_autoencoder(tmp_path / "first_stage", levels=4)  # f8, as the SD VAE
+    cfg = compose_train(tmp_path, [
+        "experiment=webdataset_dit_gpu", f"generator.first_stage.source={first_stage}",
+        f"data.source.train_shards='{tmp_path}/shards/train-{{00000..00001}}.tar'",
+        f"data.source.val_shards={tmp_path}/shards/val-00000.tar",
+        f"data.source.test_shards={tmp_path}/shards/val-00000.tar",
+    ])
+    generator = instantiate(cfg.generator)
+    assert isinstance(generator, LatentDiffusionGenerator) and isinstance(generator.flow, RectifiedFlow)
+    assert generator.flow.timesteps == "logit_normal"
+    assert generator.model_size == 32 and generator.image_size == 256
+    denoiser = generator.denoiser
+    assert isinstance(denoiser, DiTDenoiser) and denoiser.transformer.config.patch_size == 2
+    assert len(denoiser.transformer.transformer_blocks) == 12 and denoiser.transformer.inner_dim == 768
+    assert 100e6 < sum(p.numel() for p in denoiser.parameters()) < 160e6  # DiT-B class (DiT-B/2: 130M)
+    datamodule = build_data(cfg)
+    assert isinstance(datamodule, WebDataModule) and datamodule.source.image_size == 256
+    assert len(datamodule.source.split("val")) == 4
 
 
 def test_default_config_wires_dimensions(tmp_path):
