@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import ROOT, compose_cfg  # noqa: E402
+from train_throughput import ROOT, SavedTensorBytes, compose_cfg  # noqa: E402
 
 from text2img.conditioning import TextTable  # noqa: E402
 from text2img.lightning import Text2ImgModule  # noqa: E402
@@ -42,22 +42,6 @@ VARIANTS = {
     "lora": ["peft=lora"],
     "lora + checkpointing": ["peft=lora", "encoder.gradient_checkpointing=true"],
 }
-
-
-class SavedTensorBytes:
-    """Bytes of the distinct storages autograd saves for backward while active."""
-
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
 
 
 def build(cfg) -> tuple[Text2ImgModule, torch.optim.Optimizer]:
