@@ -14,10 +14,19 @@ Rows, each run in this process through the project's own entry points (`text2img
   `build`, its callbacks and logging included) against a hand-written loop over the same modules, optimiser,
   scheduler and batches, alternated in one process; the ratio (target >= 0.95) and each one's peak GPU memory.
 - `trainer=ddp trainer.devices=1` and `trainer=fsdp trainer.devices=1 '~callbacks.ema'`: a few steps each.
+- the diffusion transformer with rectified flow (issue 17): `generator=dit generator.objective=flow` against a
+  plain loop (as above), and a few steps of it in a tiny first stage's latents (`generator=ldm
+  generator/denoiser=dit`).
+- `experiment=webdataset_dit_gpu`, the real-corpus preset, as configured (DiT-B, 256 px, bf16) on one GPU:
+  images/s per GPU, peak memory and the model FLOP utilisation they imply (experiments/bench/dit_flops.py), on
+  img2dataset shards written from the image folder, with a randomly initialised Stable Diffusion VAE (the same
+  architecture: the same FLOPs) and the tiny text encoder (the device has no SmolLM2: 17 of the step's ~460
+  GFLOPs an image).
 
 Prints the table, writes `gpu_check.json` and `gpu_check.md` under --out (default `$OUT` on the device machine,
 else outputs/gpu_check); exits 1 if a row failed. Without a GPU it says so and exits 0; `--cpu` runs the rows a CPU
-can (train+eval, framework vs plain) with trainer=cpu, to try the script itself.
+can (train+eval, framework vs plain, the DiT rows, the preset shrunk to CPU size) with trainer=cpu, to try the
+script itself.
 
 On a machine whose Python lacks this project's packages (the device machine): see experiments/bench/README.md,
 "GPU check", for the wheel bundle (`make gpu-wheels`) and the one command to run.
@@ -216,7 +225,8 @@ def row_syncs(out: Path, data: Path, name: str, *overrides: str, batches: int = 
             "syncs_per_batch": per_batch, "peak_mb": None}
 
 
-def row_throughput(out: Path, data: Path, trainer: str, steps: int, warmup: int = 5, repeats: int = 2) -> dict:
+def row_throughput(out: Path, data: Path, trainer: str, steps: int, *overrides: str, warmup: int = 5,
+                   repeats: int = 2) -> dict:
     from text2img.run.compose import build
 
     framework, plain, peaks = [], [], {"framework": 0.0, "plain": 0.0}
@@ -224,7 +234,7 @@ def row_throughput(out: Path, data: Path, trainer: str, steps: int, warmup: int 
     for repeat in range(repeats):
         cfg = compose(out / f"throughput_{repeat}", data, f"trainer={trainer}", "test=false",
                       f"trainer.max_steps={steps + warmup}", "trainer.val_check_interval=100000",
-                      f"data.batch_size={batch}", "trainer.log_every_n_steps=50")
+                      f"data.batch_size={batch}", "trainer.log_every_n_steps=50", *overrides)
         run = build(cfg)
         reset_peak_memory()
         framework += step_times(run)[warmup:]
@@ -234,7 +244,8 @@ def row_throughput(out: Path, data: Path, trainer: str, steps: int, warmup: int 
                                   str(cfg.trainer.precision))[warmup:]
         peaks["plain"] = max(peaks["plain"], peak_memory_mb() or 0.0)
     fw, pl = statistics.median(framework), statistics.median(plain)
-    return {"what": f"framework vs plain loop (trainer={trainer}, batch {batch})", "ok": True,
+    what = " ".join([f"trainer={trainer}", *overrides])
+    return {"what": f"framework vs plain loop ({what}, batch {batch})", "ok": True,
             "result": f"framework {batch / fw:.0f} img/s, plain {batch / pl:.0f} img/s, ratio {pl / fw:.3f} "
                       f"(target >= 0.95); peak {peaks['framework']:.0f} / {peaks['plain']:.0f} MB",
             "framework_images_per_s": round(batch / fw, 1), "plain_images_per_s": round(batch / pl, 1),
@@ -256,6 +267,83 @@ def row_steps(out: Path, data: Path, name: str, *overrides: str, steps: int = 6)
             "peak_mb": peak_memory_mb()}
 
 
+def image_shards(data: Path, out: Path, per_shard: int = 8) -> dict[str, str]:
+    """The image folder as img2dataset writes shards (an image and a .txt caption per sample):
+    `data.source.*_shards` overrides for data=webdataset, every image in the training shards (96 images: 12
+    shards, one for each of up to 12 dataloader workers), the first 16 in val and test."""
+    import json
+
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    groups = {"train": [lines[i:i + per_shard] for i in range(0, len(lines), per_shard)],
+              "val": [lines[:16]], "test": [lines[:16]]}
+    for split, shards in groups.items():
+        for index, shard in enumerate(shards):
+            with wds.TarWriter(str(out / f"{split}-{index:05d}.tar")) as tar:
+                for number, line in enumerate(shard):
+                    image = (data / line["file_name"]).read_bytes()
+                    tar.write({"__key__": f"{index:05d}{number:04d}", "png": image, "txt": line["text"].encode()})
+    train = f"{out}/train-{{00000..{len(groups['train']) - 1:05d}}}.tar"
+    return {"train_shards": f"'{train}'", "val_shards": f"{out}/val-00000.tar",
+            "test_shards": f"{out}/test-00000.tar"}
+
+
+def sd_vae_architecture(folder: Path) -> Path:
+    """A randomly initialised AutoencoderKL of the Stable Diffusion VAE's architecture (what the preset names
+    by hub name, which the device cannot reach): its FLOPs are the real one's."""
+    from diffusers import AutoencoderKL
+
+    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+    from dit_flops import KNOWN_FIRST_STAGES
+
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        AutoencoderKL(**KNOWN_FIRST_STAGES["stabilityai/sd-vae-ft-mse"]).save_pretrained(folder)
+    return folder
+
+
+# The preset at CPU size for --cpu and the tests: what differs is size only, so the same code path runs.
+PRESET_CPU_SIZE = ("data.source.image_size=64", "data.batch_size=4", "generator.denoiser.depth=2",
+                   "generator.denoiser.width=64", "generator.denoiser.heads=4", "generator.cond_dim=64",
+                   "encoder.max_length=16", "data.num_workers=0", "data.val_samples=4")
+
+
+def row_preset(out: Path, data: Path, trainer: str, first_stage: Path, size: tuple[str, ...] = (),
+               steps: int = 20, warmup: int = 5) -> dict:
+    """experiment=webdataset_dit_gpu on one device: median images/s of its training steps, peak memory, and
+    the MFU they imply against the FLOP count of experiments/bench/dit_flops.py."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+    from conftest import compose_train
+    from dit_flops import H100_BF16_DENSE_TFLOPS, step_flops
+
+    from text2img.run.compose import build
+
+    shards = image_shards(data, out / "shards")
+    cfg = compose_train(out / "preset", [
+        "experiment=webdataset_dit_gpu", f"trainer={trainer}", "encoder=tiny", "logger=csv", "test=false",
+        f"generator.first_stage.source={first_stage}", *(f"data.source.{k}={v}" for k, v in shards.items()),
+        f"trainer.max_steps={steps + warmup}", "trainer.val_check_interval=100000",
+        "trainer.log_every_n_steps=50",
+        f"callbacks.evaluation.cache_dir={out / 'eval-cache'}", *size,
+    ])
+    run = build(cfg)
+    reset_peak_memory()
+    times = step_times(run)[warmup:]
+    rate = cfg.data.batch_size / statistics.median(times)
+    flops = step_flops(cfg, text_encoder=False)
+    mfu = rate * flops.total / (H100_BF16_DENSE_TFLOPS * 1e12)
+    what = (f"experiment=webdataset_dit_gpu (trainer={trainer}, {cfg.trainer.precision}, batch "
+            f"{cfg.data.batch_size}, {cfg.data.source.image_size} px, "
+            f"{flops.denoiser_parameters / 1e6:.1f}M-parameter DiT)")
+    result = (f"{rate:.0f} img/s per device; {flops.total / 1e9:.3g} GFLOPs an image (VAE encoder included): "
+              f"{mfu:.1%} of H100 bf16 dense peak")
+    return {"what": what, "ok": run.trainer.global_step == steps + warmup, "result": result,
+            "images_per_s": round(rate, 1), "mfu_h100": round(mfu, 4), "peak_mb": peak_memory_mb()}
+
+
 def attempt(rows: list[dict], what: str, row, *args, **kwargs) -> None:
     print(f"--- {what}", flush=True)
     start = time.perf_counter()
@@ -267,6 +355,31 @@ def attempt(rows: list[dict], what: str, row, *args, **kwargs) -> None:
     result["seconds"] = round(time.perf_counter() - start, 1)
     rows.append(result)
     print(f"    {'ok' if result['ok'] else 'FAILED'}: {result['result']}", flush=True)
+
+
+DIT_FLOW = ("generator=dit", "generator.objective=flow")
+
+
+def dit_rows(rows: list[dict], work: Path, data: Path, trainer: str, steps: int, cpu: bool) -> None:
+    """Issue 17's rows: the DiT with the flow objective against a plain loop, in a tiny first stage's latents,
+    and the real-corpus preset (at CPU size with `cpu`)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import write_tiny_autoencoder
+
+    tiny = work / "tiny_first_stage"
+    if not (tiny / "config.json").is_file():
+        write_tiny_autoencoder(tiny)
+    attempt(rows, "framework vs plain: dit flow", row_throughput, work, data, trainer, steps, *DIT_FLOW)
+    attempt(rows, "latent dit flow", row_steps, work, data, "ldm_dit_flow", f"trainer={trainer}",
+            "generator=ldm", "generator/denoiser=dit", "generator.objective=flow",
+            f"generator.first_stage.source={tiny}")
+    if cpu:  # the preset's path at CPU size: an f8 tiny first stage, as the SD VAE (64 px -> 8x8 latents)
+        f8 = work / "tiny_first_stage_f8"
+        if not (f8 / "config.json").is_file():
+            write_tiny_autoencoder(f8, levels=4)
+        attempt(rows, "preset", row_preset, work, data, trainer, f8, PRESET_CPU_SIZE, steps=3, warmup=1)
+    else:
+        attempt(rows, "preset", row_preset, work, data, trainer, sd_vae_architecture(work / "sd_vae_random"))
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -308,6 +421,7 @@ def main() -> int:
     if not args.cpu:
         attempt(rows, "ddp", row_steps, work, data, "ddp", "trainer=ddp", "trainer.devices=1")
         attempt(rows, "fsdp", row_steps, work, data, "fsdp", "trainer=fsdp", "trainer.devices=1", "~callbacks.ema")
+    dit_rows(rows, work, data, trainer, args.steps, cpu=args.cpu)
 
     text = table(rows, header)
     print("\n" + text, flush=True)
