@@ -73,6 +73,21 @@ def test_the_cache_is_filled_once_and_read_once(tmp_path: Path) -> None:
     torch.testing.assert_close(batch.text.tokens, fresh.tokens, atol=1e-5, rtol=1e-4)
 
 
+def test_a_cold_cache_does_not_change_the_runs_random_draws(tmp_path: Path) -> None:
+    """Filling the cache may initialise a model randomly (transformers does before loading weights, the GGUF
+    conversion too): the draws after `prepare` must be those of a run whose cache was already warm."""
+    encoder = TinyEncoder(max_length=32)
+    original = encoder.encode
+    encoder.encode = lambda texts: torch.randn(1000) is not None and original(texts)  # a loader's random init
+    text = conditioner(tmp_path, encoder)
+    draws = []
+    for _ in ("cold cache", "warm cache"):
+        torch.manual_seed(0)
+        text.prepare(CAPTIONS)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
 def test_expansion_applies_to_training_evaluation_and_sampling_as_configured(tmp_path: Path) -> None:
     text = conditioner(tmp_path, expander=FakeExpander(train=False, sample=True))
     text.prepare(CAPTIONS)

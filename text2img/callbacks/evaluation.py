@@ -6,11 +6,11 @@ import copy
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.networks.features import RealFeatureCache
 from text2img.types import EvalOutputs
+from text2img.utils.rng import random_state_kept
 
 # Trainer entry point -> the evaluation stages it runs.
 STAGES = {"fit": ("val",), "validate": ("val",), "test": ("test",)}
@@ -60,9 +60,8 @@ class Evaluation(L.Callback):
             device=trainer.strategy.root_device,
         )
         metrics = {name: copy.deepcopy(metric) for name, metric in self.prototypes.items()}
-        # Building a cache (an extractor's random init, an evaluator's training) must not move the run's random
-        # stream, or training would differ between a cold and a warm cache.
-        with torch.random.fork_rng(devices=[context.device] if context.device.type == "cuda" else []):
+        # Building a cache (an extractor's random init, an evaluator's training) must not move the run's random stream.
+        with random_state_kept(context.device):
             for metric in metrics.values():
                 metric.prepare(context)
         return metrics

@@ -17,6 +17,7 @@ from text2img.encoders.cache import EmbeddingCache
 from text2img.errors import ConfigError
 from text2img.prompts import PromptExpander
 from text2img.types import TextEmbedding
+from text2img.utils.rng import random_state_kept
 
 # With augmentation on the fly, each training item's draw (`Batch.caption_draws`) seeds its augmentation.
 SEED_DRAWS = 2**62
@@ -244,11 +245,14 @@ class TextConditioner(nn.Module):
 
     def prepare(self, captions: CaptionSets, device: torch.device | str = "cpu") -> None:
         """Expand the captions and fill the embedding cache (a frozen encoder's: a trainable one's embeddings change
-        as it trains), loading each language model only if something is missing, and unload them afterwards."""
-        texts = self._all_texts(captions, device)
-        if not self.trainable:
-            self.cache.lookup(self.text_encoder, texts)
-            self.text_encoder.unload()
+        as it trains), loading each language model only if something is missing, and unload them afterwards.
+        Leaves torch's random state as it was, so that a cold cache (a model's conversion or random init, a prompt
+        expansion's sampling) does not change how the run trains."""
+        with random_state_kept(device):
+            texts = self._all_texts(captions, device)
+            if not self.trainable:
+                self.cache.lookup(self.text_encoder, texts)
+                self.text_encoder.unload()
 
     def setup(self, captions: CaptionSets) -> None:
         """Read the prepared cache into the table the steps read (a frozen encoder only); never loads a model."""
