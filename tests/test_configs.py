@@ -173,3 +173,21 @@ def test_cli_prints_composed_config(entry_point):
     assert out.returncode == 0, out.stderr
     assert "_target_: text2img.encoders.MiniLMEncoder" in out.stdout
     assert "in_dim: ${encoder.hidden_size}" in out.stdout
+
+
+def test_the_openmoji_dit_preset_is_openmoji_ldm_with_a_flow_dit(tmp_path, tiny_first_stage):
+    """experiment=openmoji_dit swaps openmoji_ldm's UNet for a DiT on the flow objective and keeps the rest: the
+    same nested first-stage run (so both presets share one cached first stage), latent cache and budget."""
+    from text2img.generators.denoisers import DiTDenoiser
+    from text2img.generators.flow import RectifiedFlow
+    from text2img.run.first_stage_run import config_digest
+
+    ldm, dit = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm", "openmoji_dit"))
+    assert list(dit.first_stage_run.overrides) == list(ldm.first_stage_run.overrides)
+    assert config_digest(list(dit.first_stage_run.overrides)) == config_digest(list(ldm.first_stage_run.overrides))
+    assert (dit.trainer.max_steps, dit.trainer.max_time, dit.generator.cache_latents) == (
+        ldm.trainer.max_steps, ldm.trainer.max_time, ldm.generator.cache_latents)
+    cfg = compose_train(tmp_path, ["experiment=openmoji_dit", f"generator.first_stage.source={tiny_first_stage}"])
+    generator = instantiate(cfg.generator)
+    assert isinstance(generator.denoiser, DiTDenoiser) and isinstance(generator.flow, RectifiedFlow)
+    assert generator.flow.timesteps == "logit_normal" and generator.patch_size == 1

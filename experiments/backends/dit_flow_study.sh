@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The denoisers and objectives of issue 17 at the same wall-clock budget: openmoji_ldm's UNet (v-prediction,
+# today's default), the same UNet on the flow objective, and the latent DiT on flow (experiment=openmoji_dit),
+# each for SEEDS seeds from one shared first stage, then compare.py on 1,000 test images per run.
+# Resumable: a run whose last.ckpt exists is not retrained, and compare.py reuses its evaluation reports.
+#   experiments/backends/dit_flow_study.sh [SEEDS="0 1 2"] [RUNS="ldm ldm_flow dit"] [extra overrides ...]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+OUT=outputs/backends/dit_flow
+SEEDS=${SEEDS:-0}
+RUNS=${RUNS:-ldm ldm_flow dit}
+# the flow runs sample alike (FlowMatch Euler, 20 steps, guidance 5: openmoji_dit's), so ldm_flow and dit differ
+# only in the denoiser
+declare -A PRESET=(
+  [ldm]="experiment=openmoji_ldm"
+  [ldm_flow]="experiment=openmoji_ldm generator.objective=flow generator.sample_steps=20 generator.guidance_scale=5.0"
+  [dit]="experiment=openmoji_dit"
+)
+checkpoints=()
+for seed in $SEEDS; do
+  for run in $RUNS; do
+    dir=$OUT/runs/$run-s$seed
+    if [ ! -e "$dir/checkpoints/last.ckpt" ]; then
+      # shellcheck disable=SC2086  # the preset is a list of overrides
+      "$PY" -m text2img.train ${PRESET[$run]} seed="$seed" test=false logger=csv "$@" hydra.run.dir="$dir"
+    fi
+    checkpoints+=("$run-s$seed=$dir/checkpoints/last.ckpt")
+  done
+done
+"$PY" experiments/backends/compare.py "${checkpoints[@]}" --n-samples 1000 --out "$OUT" --eval-dir "$OUT/eval"
