@@ -77,8 +77,13 @@ def test_a_cold_cache_does_not_change_the_runs_random_draws(tmp_path: Path) -> N
     """Filling the cache may initialise a model randomly (transformers does before loading weights, the GGUF
     conversion too): the draws after `prepare` must be those of a run whose cache was already warm."""
     encoder = TinyEncoder(max_length=32)
-    original = encoder.encode
-    encoder.encode = lambda texts: torch.randn(1000) is not None and original(texts)  # a loader's random init
+    encode = encoder.encode
+
+    def encode_after_a_random_init(texts: Sequence[str]) -> TextEmbedding:
+        torch.randn(1000)  # what loading a model does to the global stream
+        return encode(texts)
+
+    encoder.encode = encode_after_a_random_init
     text = conditioner(tmp_path, encoder)
     draws = []
     for _ in ("cold cache", "warm cache"):
