@@ -11,7 +11,8 @@ For each checkpoint, in one process so machine noise hits all alike:
 - parameter counts: what generates an image (fusion head + generator network, UNet or VAE decoder), the
   frozen first stage, and what only training uses (a GAN's discriminator, a VAE's encoder), each apart;
 - a captioned grid of the first 24 test prompts (fixed seeds), written beside this script.
-Results go to `results.json` here and are printed as a Markdown table.
+Results go to `results.json` here and are printed as a Markdown table. Runs named `<setting>-s<seed>` are also
+summarised per setting (mean and 95% Student-t interval over seeds) with Welch's p-value of each pair of settings.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 from text2img.utils.checkpoints import load_checkpoint  # noqa: E402
 from text2img.run.compose import load_model  # noqa: E402
 from text2img.evaluate import evaluate  # noqa: E402
+from text2img.inspect.seeds import Difference, Interval, by_setting, difference, mean_interval  # noqa: E402
 from text2img.utils.grid import captioned_grid  # noqa: E402
 from text2img.run.compose import build_model, trainer_clip_value  # noqa: E402
 
@@ -118,13 +120,18 @@ def evaluation(ckpt: str, n_samples: int, out: Path) -> dict:
     return evaluate(cfg)["metrics"]
 
 
+COLUMNS = [
+    ("FID", "fid_effnet", ".1f"), ("KID", "kid_effnet", ".3f"), ("R@32", "r_precision", ".3f"),
+    ("R@32 real", "r_precision_real", ".3f"), ("diversity", "diversity_ratio_effnet", ".2f"),
+    ("PSNR", "psnr", ".1f"), ("SSIM", "ssim", ".3f"),
+    ("train img/s", "train_images_per_s", ".1f"), ("sample img/s", "sample_images_per_s", ".1f"),
+]
+# the figures whose differences between settings are tested
+TESTED = ("fid_effnet", "kid_effnet", "r_precision")
+
+
 def table(results: dict[str, dict]) -> str:
-    columns = [
-        ("FID", "fid_effnet", ".1f"), ("KID", "kid_effnet", ".3f"), ("R@32", "r_precision", ".3f"),
-        ("R@32 real", "r_precision_real", ".3f"), ("diversity", "diversity_ratio_effnet", ".2f"),
-        ("PSNR", "psnr", ".1f"), ("SSIM", "ssim", ".3f"),
-        ("train img/s", "train_images_per_s", ".1f"), ("sample img/s", "sample_images_per_s", ".1f"),
-    ]
+    columns = COLUMNS
     head = "| backend | " + " | ".join(c[0] for c in columns) + " | params: generating / first stage / training only |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for name, row in results.items():
@@ -132,6 +139,39 @@ def table(results: dict[str, dict]) -> str:
         p = row["parameters"]
         sizes = " / ".join(f"{p[k] / 1e6:.2f}M" if p[k] else "—" for k in ("generating", *SEPARATE))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {sizes} |")
+    return "\n".join(lines)
+
+
+def settings_summary(results: dict[str, dict]) -> dict[str, dict]:
+    """Per setting (runs `<setting>-s<seed>`): each figure's mean and 95% interval over its seeds, and for each
+    pair of settings the difference in the tested figures with Welch's p-value."""
+    groups = by_setting(results)
+    summary: dict[str, dict] = {"settings": {}, "differences": {}}
+    for setting, names in groups.items():
+        summary["settings"][setting] = {
+            key: vars(mean_interval([results[name][key] for name in names]))
+            for _, key, _ in COLUMNS if all(key in results[name] for name in names)
+        } | {"seeds": names}
+    for i, a in enumerate(groups):
+        for b in list(groups)[i + 1:]:
+            summary["differences"][f"{a} - {b}"] = {
+                key: vars(difference([results[n][key] for n in groups[a]], [results[n][key] for n in groups[b]]))
+                for key in TESTED if all(key in results[n] for n in groups[a] + groups[b])
+            }
+    return summary
+
+
+def settings_table(summary: dict[str, dict]) -> str:
+    """Markdown: mean ± 95% half-width per setting, then the tested differences with their p-values."""
+    settings = summary["settings"]
+    columns = [c for c in COLUMNS if any(c[1] in row for row in settings.values())]
+    lines = ["| setting | seeds | " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    for setting, row in settings.items():
+        cells = ["—" if key not in row else Interval(**row[key]).format(fmt) for _, key, fmt in columns]
+        lines.append(f"| {setting} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    for pair, figures in summary["differences"].items():
+        tested = ", ".join(f"{key} {Difference(**d).format()}" for key, d in figures.items())
+        lines.append(f"\n{pair}: {tested}")
     return "\n".join(lines)
 
 
@@ -165,9 +205,12 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "n_samples": args.n_samples,
         "results": results,
+        **settings_summary(results),
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(results))
+    print()
+    print(settings_table(report))
 
 
 if __name__ == "__main__":

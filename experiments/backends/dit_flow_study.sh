@@ -3,11 +3,11 @@
 # today's default), the same UNet on the flow objective, and the latent DiT on flow (experiment=openmoji_dit),
 # each for SEEDS seeds from one shared first stage, then compare.py on 1,000 test images per run.
 # Resumable: a run whose last.ckpt exists is not retrained, and compare.py reuses its evaluation reports.
-#   experiments/backends/dit_flow_study.sh [SEEDS="0 1 2"] [RUNS="ldm ldm_flow dit"] [extra overrides ...]
+#   [SEEDS="0 1 2"] [RUNS="ldm ldm_flow dit"] [OUT=outputs/backends/dit_flow] experiments/backends/dit_flow_study.sh [extra overrides ...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-OUT=outputs/backends/dit_flow
+OUT=${OUT:-outputs/backends/dit_flow}
 SEEDS=${SEEDS:-0}
 RUNS=${RUNS:-ldm ldm_flow dit}
 # the flow runs sample alike (FlowMatch Euler, 20 steps, guidance 5: openmoji_dit's), so ldm_flow and dit differ
