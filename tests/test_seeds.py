@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from text2img.inspect.seeds import Interval, by_setting, difference, mean_interval
+from text2img.inspect.seeds import Interval, by_setting, difference, mean_interval, settings_summary, settings_table
 
 
 def test_the_interval_of_three_seeds_uses_the_t_quantile():
@@ -58,3 +58,25 @@ def test_runs_are_grouped_by_their_setting_in_first_seen_order():
 def test_an_interval_round_trips_through_its_fields():
     interval = mean_interval([2.0, 4.0])
     assert Interval(**vars(interval)) == interval
+
+
+def test_settings_are_summarised_over_their_seeds_and_each_pair_is_tested():
+    results = {
+        "base-s0": {"fid": 150.1, "acc": 0.10}, "base-s1": {"fid": 151.3, "acc": 0.12}, "base-s2": {"fid": 149.8},
+        "fast-s0": {"fid": 140.2, "acc": 0.30}, "fast-s1": {"fid": 139.5, "acc": 0.31}, "fast-s2": {"fid": 141.0, "acc": 0.29},
+    }
+    columns = [("FID", "fid", ".1f"), ("accuracy", "acc", ".2f"), ("never logged", "absent", ".1f")]
+    summary = settings_summary(results, columns, tested=["fid", "acc"])
+    base, fast = summary["settings"]["base"], summary["settings"]["fast"]
+    assert base["seeds"] == ["base-s0", "base-s1", "base-s2"]
+    assert Interval(**base["fid"]) == mean_interval([150.1, 151.3, 149.8])
+    assert "acc" not in base  # one seed of base lacks it: no mean over a subset
+    assert Interval(**fast["acc"]).n == 3
+    pair = summary["differences"]["base - fast"]
+    assert set(pair) == {"fid"}
+    assert pair["fid"]["p_value"] < 0.001
+    table = settings_table(summary, columns).splitlines()
+    assert table[0] == "| setting | seeds | FID | accuracy |"   # a column no setting has is dropped
+    assert table[2] == f"| base | 3 | {Interval(**base['fid']).format('.1f')} | — |"
+    assert table[3].startswith("| fast | 3 | 140.2 ± ") and "0.30 ± 0.02" in table[3]
+    assert table[-1].startswith("base - fast: fid +10.2 (p=")

@@ -39,7 +39,7 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 from text2img.utils.checkpoints import load_checkpoint  # noqa: E402
 from text2img.run.compose import load_model  # noqa: E402
 from text2img.evaluate import evaluate  # noqa: E402
-from text2img.inspect.seeds import Difference, Interval, by_setting, difference, mean_interval  # noqa: E402
+from text2img.inspect.seeds import settings_summary, settings_table  # noqa: E402
 from text2img.utils.grid import captioned_grid  # noqa: E402
 from text2img.run.compose import build_model, trainer_clip_value  # noqa: E402
 
@@ -142,39 +142,6 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def settings_summary(results: dict[str, dict]) -> dict[str, dict]:
-    """Per setting (runs `<setting>-s<seed>`): each figure's mean and 95% interval over its seeds, and for each
-    pair of settings the difference in the tested figures with Welch's p-value."""
-    groups = by_setting(results)
-    summary: dict[str, dict] = {"settings": {}, "differences": {}}
-    for setting, names in groups.items():
-        summary["settings"][setting] = {
-            key: vars(mean_interval([results[name][key] for name in names]))
-            for _, key, _ in COLUMNS if all(key in results[name] for name in names)
-        } | {"seeds": names}
-    for i, a in enumerate(groups):
-        for b in list(groups)[i + 1:]:
-            summary["differences"][f"{a} - {b}"] = {
-                key: vars(difference([results[n][key] for n in groups[a]], [results[n][key] for n in groups[b]]))
-                for key in TESTED if all(key in results[n] for n in groups[a] + groups[b])
-            }
-    return summary
-
-
-def settings_table(summary: dict[str, dict]) -> str:
-    """Markdown: mean ± 95% half-width per setting, then the tested differences with their p-values."""
-    settings = summary["settings"]
-    columns = [c for c in COLUMNS if any(c[1] in row for row in settings.values())]
-    lines = ["| setting | seeds | " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * (len(columns) + 2)]
-    for setting, row in settings.items():
-        cells = ["—" if key not in row else Interval(**row[key]).format(fmt) for _, key, fmt in columns]
-        lines.append(f"| {setting} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-    for pair, figures in summary["differences"].items():
-        tested = ", ".join(f"{key} {Difference(**d).format()}" for key, d in figures.items())
-        lines.append(f"\n{pair}: {tested}")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="name=checkpoint pairs")
@@ -205,12 +172,12 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "n_samples": args.n_samples,
         "results": results,
-        **settings_summary(results),
+        **settings_summary(results, COLUMNS, TESTED),
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(results))
     print()
-    print(settings_table(report))
+    print(settings_table(report, COLUMNS))
 
 
 if __name__ == "__main__":

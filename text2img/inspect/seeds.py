@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from scipy import stats
+
+# A table column: (header, key of the figure in a run's results, format spec), e.g. ("FID", "fid_effnet", ".1f").
+Column = tuple[str, str, str]
 
 _SEED_SUFFIX = re.compile(r"^(?P<setting>.+)-s(?P<seed>\d+)$")
 
@@ -76,3 +79,39 @@ def by_setting(names: Iterable[str]) -> dict[str, list[str]]:
         match = _SEED_SUFFIX.match(name)
         groups.setdefault(match["setting"] if match else name, []).append(name)
     return groups
+
+
+def settings_summary(
+    results: Mapping[str, Mapping[str, float]], columns: Sequence[Column], tested: Sequence[str]
+) -> dict[str, dict]:
+    """Per setting (runs `<setting>-s<seed>`): each column's mean and 95% interval over its seeds, and for each
+    pair of settings the difference in the `tested` figures with Welch's p-value. A figure some seed of a
+    setting lacks is left out of that setting (or pair)."""
+    groups = by_setting(results)
+    summary: dict[str, dict] = {"settings": {}, "differences": {}}
+    for setting, names in groups.items():
+        summary["settings"][setting] = {
+            key: vars(mean_interval([results[name][key] for name in names]))
+            for _, key, _ in columns if all(key in results[name] for name in names)
+        } | {"seeds": names}
+    for i, a in enumerate(groups):
+        for b in list(groups)[i + 1:]:
+            summary["differences"][f"{a} - {b}"] = {
+                key: vars(difference([results[n][key] for n in groups[a]], [results[n][key] for n in groups[b]]))
+                for key in tested if all(key in results[n] for n in groups[a] + groups[b])
+            }
+    return summary
+
+
+def settings_table(summary: Mapping[str, dict], columns: Sequence[Column]) -> str:
+    """Markdown: mean ± 95% half-width per setting, then the tested differences with their p-values."""
+    settings = summary["settings"]
+    shown = [c for c in columns if any(c[1] in row for row in settings.values())]
+    lines = ["| setting | seeds | " + " | ".join(c[0] for c in shown) + " |", "|" + "---|" * (len(shown) + 2)]
+    for setting, row in settings.items():
+        cells = ["—" if key not in row else Interval(**row[key]).format(fmt) for _, key, fmt in shown]
+        lines.append(f"| {setting} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    for pair, figures in summary["differences"].items():
+        tested = ", ".join(f"{key} {Difference(**d).format()}" for key, d in figures.items())
+        lines.append(f"\n{pair}: {tested}")
+    return "\n".join(lines)
