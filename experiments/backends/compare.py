@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ SEPARATE = {
 }
 
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
-from train_throughput import StepTimer  # noqa: E402  (the benchmarks' step timer: one definition)
+from train_throughput import StepTimer, machine  # noqa: E402  (the benchmarks' step timer: one definition)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -169,7 +168,7 @@ def main() -> None:
         print(name, json.dumps(row, indent=1), flush=True)
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "n_samples": args.n_samples,
         "results": results,
         **settings_summary(results, COLUMNS, TESTED),

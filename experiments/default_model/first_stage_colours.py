@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--render", type=Path, default=next((ROOT / ".cache" / "openmoji").glob("*-32px.npz"), None),
                         help="the OpenMoji render cache (.npz); `make train` writes it")
     args = parser.parse_args()
+    if args.render is None or not args.render.is_file():
+        parser.error(f"no OpenMoji render cache at {args.render}; run `make train` once, or pass --render PATH")
     render = OpenMojiRender.load(args.render)
     chosen = np.random.default_rng(0).choice(len(render.images), args.images, replace=False)
     real = torch.from_numpy(render.images[chosen]).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -8,7 +8,7 @@ cosine schedule completes instead of being cut by max_time. Runs go to `--out/ru
 finished one (its `done` file) is kept, one cut off resumes from its last.ckpt. The figures are the
 in-training test stage on the 192 held-out prompts (colour-shape pairs never trained on): per attribute,
 `attr_overall` (every attribute right), FID and R@32, with the fit's steps and wall time from train.log.
-Writes results.json beside this script and prints the per-setting table (mean ± 95% interval over seeds,
+Writes shapes_results.json beside this script and prints the per-setting table (mean ± 95% interval over seeds,
 Welch's p-value for each pair of settings on attr_overall, colour and FID).
 """
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -27,7 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent / "fusion"))
+sys.path.insert(0, str(HERE.parent / "bench"))
 from collect import final_scores  # noqa: E402  (the fusion study's reader of a run's CSV log: one definition)
+from train_throughput import machine  # noqa: E402  (the benchmarks' description of the machine)
 
 from text2img.inspect.seeds import Column, settings_summary, settings_table  # noqa: E402
 
@@ -50,14 +50,6 @@ COLUMNS: list[Column] = [
 ]
 TESTED = ("test/attr_overall", "test/attr_colour", "test/fid_effnet")
 _FIT_DONE = re.compile(r"training done: ([\d,]+) steps in ((?:\d+:)?\d+:\d+)")
-
-
-def machine() -> str:
-    """The CPU and whether it has AVX512: the figures' speed (and the steps that fit the budget) depend on it."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = re.search(r"model name\s*:\s*(.+)", info)
-    isa = "AVX512" if "avx512f" in info else "no AVX512"
-    return f"{model[1] if model else platform.machine()}, {isa}, {os.cpu_count()} cores"
 
 
 def fit_time(run: Path) -> dict[str, float]:

@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "backends"))
-from compare import training_speed  # noqa: E402  (the backends study's timing: one definition)
+from compare import machine, training_speed  # noqa: E402  (the backends study's timing: one definition)
 
 COLUMNS = [
     ("FID", "test/fid_effnet", ".1f"), ("KID", "test/kid_effnet", ".3f"), ("R@32", "test/r_precision", ".3f"),
@@ -95,8 +92,7 @@ def main() -> None:
                for name, dirs in groups.items()}
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "sweeps": results,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
