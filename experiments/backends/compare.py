@@ -35,12 +35,11 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
-from text2img.utils.checkpoints import load_checkpoint  # noqa: E402
-from text2img.run.compose import load_model  # noqa: E402
 from text2img.evaluate import evaluate  # noqa: E402
 from text2img.inspect.seeds import settings_summary, settings_table  # noqa: E402
+from text2img.run.compose import build_model, load_model, trainer_clip_value  # noqa: E402
+from text2img.utils.checkpoints import load_checkpoint  # noqa: E402
 from text2img.utils.grid import captioned_grid  # noqa: E402
-from text2img.run.compose import build_model, trainer_clip_value  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -12,13 +12,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from text2img.utils.paths import CONF_DIR
 from text2img.errors import ConfigError
 from text2img.generators.vae import VAEGenerator
 from text2img.networks.frozen import FrozenNetwork
 from text2img.utils.checkpoints import load_checkpoint
+from text2img.utils.paths import CONF_DIR
 from text2img.utils.precision import WEIGHT_DTYPES
-
 
 
 class FirstStage(FrozenNetwork):
