@@ -124,7 +124,8 @@ def test_sampling_arguments_that_do_not_apply_are_refused(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"kl_weight": -1.0}, "kl_weight=-1.0 is negative"),
-     ({"image_size": 13}, "downsampling 2x.*image_size=13")],
+     ({"image_size": 13}, "downsampling 2x.*image_size=13"),
+     ({"reconstruction": "l2"}, "reconstruction='l2' is unknown; use one of l1, mse")],
 )
 def test_bad_settings_are_one_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -194,6 +195,24 @@ def test_kl_term_is_added_with_its_weight():
     )
     assert weighted > plain
     assert doubled - plain == pytest.approx(2 * (weighted - plain), rel=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("conditional", [True, False])
+def test_reconstruction_error_is_the_chosen_one(conditional):
+    images, prompts, fusion = squares(4), text(4), head()
+    losses = {}
+    for error in ("l1", "mse"):
+        generator = tiny_vae(kl_weight=0.0, reconstruction=error, conditional=conditional)
+        torch.manual_seed(1)  # the same posterior noise for both
+        losses[error] = float(generator.training_loss(images, prompts, fusion))
+    # the same weights and noise give the same reconstruction: recompute it and take both errors of it
+    torch.manual_seed(1)
+    posterior = generator.autoencoder.encode(images).latent_dist
+    vector = generator.text_vector(prompts, fusion)
+    difference = generator.decode(posterior.sample(), vector) - images
+    assert losses["l1"] == pytest.approx(float(difference.abs().mean()), rel=1e-5)
+    assert losses["mse"] == pytest.approx(float(difference.square().mean()), rel=1e-5)
 
 
 def test_perceptual_loss_is_differentiable_and_frozen():
