@@ -1,19 +1,28 @@
-"""Does a first stage keep OpenMoji's colours? PSNR of its reconstructions and a strip of real over reconstructed.
+"""Does a first stage keep OpenMoji's colours? PSNR and colour error of its reconstructions, and strips of real
+over reconstructed.
 
-    python experiments/default_model/first_stage_colours.py FIRST_STAGE.ckpt OUT.png [--images 256]
+    python experiments/default_model/first_stage_colours.py FIRST_STAGE.ckpt [...] [--strips DIR] [--json FILE]
 
 Reconstructs a fixed random sample of the rendered OpenMoji images (32 px, the render cache of `data=openmoji`)
-through the posterior mean and the decoder; prints the mean PSNR and writes the first 16 pairs to OUT.png.
+through each first stage's posterior mean and decoder, and prints per first stage:
+- PSNR (dB, peak-to-peak 2 on [-1, 1]), averaged over images;
+- colour error: on the real images' coloured pixels (CIELAB chroma C*ab > 20), the mean distance between real and
+  reconstructed colour in the a*b* plane, lightness left out (about 50 for yellow or red drawn brown, 0 for a
+  perfect copy). A first stage that turns every hue brown keeps its PSNR within a few dB and much of its RGB
+  chroma (brown is a saturated dark orange), but not its colours.
+With --strips, writes DIR/<checkpoint's run>.png: the first 16 real images over their reconstructions.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 from text2img.data.openmoji import OpenMojiRender
 from text2img.generators.first_stage import load_first_stage
@@ -21,11 +30,51 @@ from text2img.generators.first_stage import load_first_stage
 ROOT = Path(__file__).resolve().parents[2]
 
 
+COLOURED_CHROMA = 20.0  # C*ab above which a pixel counts as coloured (greys and whites stay below ~5)
+
+
+def cielab(images: Tensor) -> Tensor:
+    """sRGB images in [-1, 1], [B, 3, H, W] -> CIELAB (L*, a*, b*) under D65, [B, 3, H, W]."""
+    srgb = ((images + 1) / 2).clamp(0, 1)
+    linear = torch.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    rgb_to_xyz = torch.tensor([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    white = torch.tensor([0.95047, 1.0, 1.08883]).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,bjhw->bihw", rgb_to_xyz, linear) / white
+    delta = 6 / 29
+    f = torch.where(xyz > delta**3, xyz.clamp(min=1e-12) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
+    fx, fy, fz = f.unbind(dim=1)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def colour_error(real: Tensor, rebuilt: Tensor) -> float:
+    """Mean a*b* distance between real and rebuilt over the real images' coloured pixels."""
+    real_ab, rebuilt_ab = cielab(real)[:, 1:], cielab(rebuilt)[:, 1:]
+    coloured = real_ab.norm(dim=1) > COLOURED_CHROMA
+    return (real_ab - rebuilt_ab).norm(dim=1)[coloured].mean().item()
+
+
+def reconstruction_figures(checkpoint: str, real: Tensor) -> tuple[dict[str, float], Tensor]:
+    """PSNR and colour error of one first stage's reconstructions of `real`, and the reconstructions."""
+    first_stage = load_first_stage(checkpoint)
+    mean = first_stage.moments(real).chunk(2, dim=1)[0]
+    rebuilt = first_stage.decode(mean).clamp(-1, 1)
+    psnr = 10 * torch.log10(4 / ((rebuilt - real) ** 2).mean(dim=(1, 2, 3)))
+    figures = {"psnr_db": psnr.mean().item(), "colour_error_ab": colour_error(real, rebuilt)}
+    return figures, rebuilt
+
+
+def save_strip(real: Tensor, rebuilt: Tensor, out: Path) -> None:
+    rows = [((images[:16] + 1) * 127.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy() for images in (real, rebuilt)]
+    strip = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
+    Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("out", type=Path)
+    parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--strips", type=Path, help="folder for one real-over-reconstructed strip per first stage")
+    parser.add_argument("--json", type=Path, help="write the figures per checkpoint here")
     parser.add_argument("--render", type=Path, default=next((ROOT / ".cache" / "openmoji").glob("*-32px.npz"), None),
                         help="the OpenMoji render cache (.npz); `make train` writes it")
     args = parser.parse_args()
@@ -34,14 +83,17 @@ def main() -> None:
     render = OpenMojiRender.load(args.render)
     chosen = np.random.default_rng(0).choice(len(render.images), args.images, replace=False)
     real = torch.from_numpy(render.images[chosen]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    first_stage = load_first_stage(args.checkpoint)
-    mean = first_stage.moments(real).chunk(2, dim=1)[0]
-    rebuilt = first_stage.decode(mean).clamp(-1, 1)
-    psnr = 10 * torch.log10(4 / ((rebuilt - real) ** 2).mean(dim=(1, 2, 3)))  # peak-to-peak 2 on [-1, 1]
-    print(f"{args.checkpoint}: PSNR {psnr.mean():.2f} dB over {args.images} images")
-    rows = [((images[:16] + 1) * 127.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy() for images in (real, rebuilt)]
-    strip = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
-    Image.fromarray(strip).resize((strip.shape[1] * 2, strip.shape[0] * 2), Image.NEAREST).save(args.out)
+    results = {}
+    for checkpoint in args.checkpoints:
+        figures, rebuilt = reconstruction_figures(checkpoint, real)
+        results[checkpoint] = figures
+        print(f"{checkpoint}: PSNR {figures['psnr_db']:.2f} dB, colour error {figures['colour_error_ab']:.1f} "
+              f"({args.images} images)", flush=True)
+        if args.strips:
+            args.strips.mkdir(parents=True, exist_ok=True)
+            save_strip(real, rebuilt, args.strips / f"{Path(checkpoint).parent.parent.name}.png")
+    if args.json:
+        args.json.write_text(json.dumps({"images": args.images, "first_stages": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
