@@ -152,6 +152,7 @@ def main() -> None:
                         help="the evaluation reports (generated files: outside the repository's tracked tree)")
     args = parser.parse_args()
     runs = dict(run.split("=", 1) for run in args.runs)
+    args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, ckpt in runs.items():
         checkpoint, _, model = load_model(ckpt)
