@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO_ROOT, write_tiny_autoencoder
@@ -18,12 +19,15 @@ def flat(rgb: tuple[float, float, float], size: int = 4) -> torch.Tensor:
     return (torch.tensor(rgb).view(1, 3, 1, 1) * 2 - 1).expand(1, 3, size, size).clone()
 
 
-@pytest.mark.parametrize(("rgb", "lab"), [
-    ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
-    ((1.0, 0.0, 0.0), (53.24, 80.09, 67.20)),
-    ((1.0, 1.0, 0.0), (97.14, -21.55, 94.48)),
-    ((0.0, 0.0, 1.0), (32.30, 79.19, -107.86)),
-])
+@pytest.mark.parametrize(
+    ("rgb", "lab"),
+    [
+        ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
+        ((1.0, 0.0, 0.0), (53.24, 80.09, 67.20)),
+        ((1.0, 1.0, 0.0), (97.14, -21.55, 94.48)),
+        ((0.0, 0.0, 1.0), (32.30, 79.19, -107.86)),
+    ],
+)
 def test_cielab_of_reference_colours(rgb, lab):
     assert first_stage_colours.cielab(flat(rgb))[0, :, 0, 0] == pytest.approx(torch.tensor(lab), abs=0.05)
 
@@ -41,10 +45,13 @@ def test_colour_error_separates_a_brown_copy_from_a_faithful_one():
     assert first_stage_colours.colour_error(real, greyed_white) == pytest.approx(0.0, abs=1e-3)
 
 
-def test_reconstruction_figures_and_strip_of_a_first_stage(tmp_path):
+def test_figures_and_strip_of_a_first_stage(tmp_path):
     torch.manual_seed(0)
     real = torch.rand(16, 3, 32, 32) * 2 - 1
-    figures, rebuilt = first_stage_colours.reconstruction_figures(str(write_tiny_autoencoder(tmp_path / "vae")), real)
+    rebuilt = first_stage_colours.first_stage_reconstructions(
+        str(write_tiny_autoencoder(tmp_path / "vae")), real
+    )
+    figures = first_stage_colours.reconstruction_figures(real, rebuilt)
 
     assert rebuilt.shape == real.shape and rebuilt.abs().max() <= 1
     expected_psnr = (10 * torch.log10(4 / ((rebuilt - real) ** 2).mean(dim=(1, 2, 3)))).mean().item()
@@ -52,3 +59,19 @@ def test_reconstruction_figures_and_strip_of_a_first_stage(tmp_path):
     assert figures["colour_error_ab"] > 0
     first_stage_colours.save_strip(real, rebuilt, tmp_path / "strip.png")
     assert Image.open(tmp_path / "strip.png").size == (16 * 32 * 2, 2 * 32 * 2)
+
+
+def test_patch_pca_code_is_exact_with_every_component_and_loses_more_with_fewer():
+    torch.manual_seed(0)
+    # smooth images (low-passed noise), so that a few components hold most of a patch
+    images = F.avg_pool2d(torch.rand(64, 3, 40, 40) * 2 - 1, 9, stride=1)[..., :32, :32]
+    real = images[:8]
+    full = first_stage_colours.patch_pca_reconstructions(images, real, channels=48)
+    assert torch.allclose(full, real, atol=1e-4)
+    psnr = [
+        first_stage_colours.reconstruction_figures(
+            real, first_stage_colours.patch_pca_reconstructions(images, real, channels)
+        )["psnr_db"]
+        for channels in (2, 8, 24)
+    ]
+    assert psnr[0] < psnr[1] < psnr[2]

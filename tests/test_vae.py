@@ -12,8 +12,7 @@ from text2img.conditioning import TextConditioner
 from text2img.encoders import TinyEncoder
 from text2img.errors import ConfigError
 from text2img.fusion import TokenProjection
-from text2img.generators import check_compatible
-from text2img.generators import VAEGenerator
+from text2img.generators import VAEGenerator, check_compatible
 from text2img.generators.vae import EffNetPerceptualLoss
 from text2img.lightning import Text2ImgModule
 from text2img.train import train

@@ -46,7 +46,9 @@ for variant in $VARIANTS; do
   fi
   checkpoints+=("$dir/checkpoints/last.ckpt")
 done
-"$PY" $HERE/first_stage_colours.py "${checkpoints[@]}" --strips $HERE/first_stages --json $HERE/first_stage_results.json
+# --pca: fixed linear codes of 4x4 patches, 4 channels (the VAE's latent shape), 8 and 16, for reference
+"$PY" $HERE/first_stage_colours.py "${checkpoints[@]}" --pca 4 8 16 --strips $HERE/first_stages \
+  --json $HERE/first_stage_results.json
 
 ldm_runs=()
 for seed in ${SEEDS:-0 1 2}; do

@@ -96,8 +96,9 @@ class VAEGenerator(Generator):
     19.6 against 17.9 dB PSNR in openmoji_ldm's 250-step first stage, with colours no better: see
     experiments/default_model) + `kl_weight` x KL(posterior || prior), the KL in nats per image divided by the
     image's number of values: with l1 the loss is the negative ELBO (up to a constant factor) of a Laplace
-    decoder of scale `kl_weight` in [-1, 1] pixel units (with mse, a Gaussian one of variance kl_weight / 2). None picks the variant's default (`DEFAULT_KL_WEIGHT`). `perceptual` optionally
-    adds an `EffNetPerceptualLoss`.
+    decoder of scale `kl_weight` in [-1, 1] pixel units (with mse, a Gaussian one of variance kl_weight / 2).
+    None picks the variant's default (`DEFAULT_KL_WEIGHT`). `perceptual` optionally adds an
+    `EffNetPerceptualLoss`.
     """
 
     requires = consumes = frozenset({"vector"})
@@ -107,7 +108,10 @@ class VAEGenerator(Generator):
     # VAE is judged by its samples, so it takes a strong KL; a first stage by its reconstructions, so a weak
     # one (1e-2 costs no PSNR against 1e-3 and halves the KL: tamer latents; latent diffusion rescales them).
     DEFAULT_KL_WEIGHT: ClassVar[dict[bool, float]] = {True: 0.3, False: 1e-2}
-    RECONSTRUCTION_ERRORS: ClassVar[dict[str, Callable[[Tensor], Tensor]]] = {"l1": torch.abs, "mse": torch.square}
+    RECONSTRUCTION_ERRORS: ClassVar[dict[str, Callable[[Tensor], Tensor]]] = {
+        "l1": torch.abs,
+        "mse": torch.square,
+    }
 
     def __init__(
         self,
