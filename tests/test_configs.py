@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_train, write_tiny_autoencoder
 from text2img.encoders.base import TextEncoder
@@ -173,6 +174,23 @@ def test_cli_prints_composed_config(entry_point):
     assert out.returncode == 0, out.stderr
     assert "_target_: text2img.encoders.MiniLMEncoder" in out.stdout
     assert "in_dim: ${encoder.hidden_size}" in out.stdout
+
+
+def test_the_openmoji_ldm_flow_preset_is_openmoji_ldm_on_openmoji_dits_objective_and_sampler(tmp_path):
+    """experiment=openmoji_ldm_flow changes openmoji_ldm's objective and sampling only, to openmoji_dit's: the
+    backends study's UNet and DiT then differ in the denoiser alone."""
+    presets = ("openmoji_ldm", "openmoji_ldm_flow", "openmoji_dit")
+    ldm, flow, dit = (compose_train(tmp_path, [f"experiment={name}"]) for name in presets)
+    sampling = ("objective", "sample_steps", "guidance_scale")
+    assert [flow.generator[key] for key in sampling] == ["flow", 20, 5.0]
+    assert [dit.generator[key] for key in sampling] == [flow.generator[key] for key in sampling]
+
+    def rest(cfg):
+        generator = OmegaConf.to_container(cfg.generator)
+        return {key: value for key, value in generator.items() if key not in sampling}
+
+    assert rest(flow) == rest(ldm)
+    assert flow.trainer == ldm.trainer and flow.first_stage_run == ldm.first_stage_run
 
 
 def test_the_openmoji_dit_preset_is_openmoji_ldm_with_a_flow_dit(tmp_path, tiny_first_stage):

@@ -15,7 +15,7 @@ RUNS=${RUNS:-ldm ldm_flow dit}
 # only in the denoiser
 declare -A PRESET=(
   [ldm]="experiment=openmoji_ldm"
-  [ldm_flow]="experiment=openmoji_ldm generator.objective=flow generator.sample_steps=20 generator.guidance_scale=5.0"
+  [ldm_flow]="experiment=openmoji_ldm_flow"
   [dit]="experiment=openmoji_dit"
 )
 checkpoints=()

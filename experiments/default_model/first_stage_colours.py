@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from text2img.data.openmoji import OpenMojiRender
 from text2img.generators.first_stage import load_first_stage
@@ -61,7 +62,8 @@ def colour_error(real: Tensor, rebuilt: Tensor) -> float:
 
 def reconstruction_figures(real: Tensor, rebuilt: Tensor) -> dict[str, float]:
     """PSNR (mean over images) and colour error of reconstructions `rebuilt` of `real`."""
-    psnr = 10 * torch.log10(4 / ((rebuilt - real) ** 2).mean(dim=(1, 2, 3)))
+    # as text2img.metrics.reconstruction does, on [-1, 1] images
+    psnr = peak_signal_noise_ratio(rebuilt, real, data_range=2.0, reduction="none", dim=(1, 2, 3))
     return {"psnr_db": psnr.mean().item(), "colour_error_ab": colour_error(real, rebuilt)}
 
 

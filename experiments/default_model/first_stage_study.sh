@@ -3,9 +3,9 @@
 # experiment=openmoji_first_stage against variants of its schedule, length, KL weight, latent width, GroupNorm
 # and reconstruction error, each trained once (seed 0), then first_stage_colours.py on the same 256 images
 # (PSNR, colour error, a strip per variant).
-# With LDM_ON="base mse ...", then trains experiments/backends' flow LDM (ldm_flow: openmoji_ldm, flow, FlowMatch
-# Euler 20 steps, guidance 5) on each of those first stages for SEEDS seeds and compares the runs with
-# compare.py on 1,000 test images each (results and grids in first_stage_ldm/ here).
+# With LDM_ON="base mse ...", then trains experiments/backends' flow LDM (experiment=openmoji_ldm_flow) on each
+# of those first stages for SEEDS seeds and compares the runs with compare.py on 1,000 test images each
+# (results and grids in first_stage_ldm/ here).
 # Resumable: a finished variant or LDM run (its `done` file) is not retrained; compare.py reuses its reports.
 #   [VARIANTS="base lr3e-3 ..."] [LDM_ON="base mse"] [SEEDS="0 1 2"] [OUT=outputs/first_stage_study] \
 #     experiments/default_model/first_stage_study.sh
@@ -56,9 +56,9 @@ for seed in ${SEEDS:-0 1 2}; do
     dir=$OUT/ldm/$variant-s$seed
     if [ ! -e "$dir/done" ]; then
       # ckpt_path=last: a fresh start when the folder has no checkpoint yet
-      "$PY" -m text2img.train experiment=openmoji_ldm generator.objective=flow generator.sample_steps=20 \
-        generator.guidance_scale=5.0 generator.first_stage.source="$OUT/$variant/checkpoints/last.ckpt" \
-        seed="$seed" test=false logger=csv ckpt_path=last hydra.run.dir="$dir"
+      "$PY" -m text2img.train experiment=openmoji_ldm_flow \
+        generator.first_stage.source="$OUT/$variant/checkpoints/last.ckpt" seed="$seed" test=false logger=csv \
+        ckpt_path=last hydra.run.dir="$dir"
       touch "$dir/done"
     fi
     ldm_runs+=("ldm_flow_$variant-s$seed=$dir/checkpoints/last.ckpt")

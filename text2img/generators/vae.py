@@ -134,7 +134,7 @@ class VAEGenerator(Generator):
                 f"generator.reconstruction={reconstruction!r} is unknown; "
                 f"use one of {', '.join(self.RECONSTRUCTION_ERRORS)}"
             )
-        self.reconstruction = reconstruction
+        self.reconstruction_error = self.RECONSTRUCTION_ERRORS[reconstruction]
         self.autoencoder = autoencoder(sample_size=image_size, in_channels=3, out_channels=3)
         self.conditional = conditional
         self.kl_weight = kl_weight
@@ -203,7 +203,7 @@ class VAEGenerator(Generator):
         posterior = self.autoencoder.encode(images).latent_dist
         vector = self.text_vector(text, fusion)
         reconstruction = self.decode(posterior.sample(), vector)
-        loss = self.RECONSTRUCTION_ERRORS[self.reconstruction](reconstruction.float() - images.float()).mean()
+        loss = self.reconstruction_error(reconstruction.float() - images.float()).mean()
         kl = posterior.kl() if vector is None else posterior.kl(self.prior(vector))
         loss = loss + self.kl_weight * kl.float().mean() / images[0].numel()
         if self.perceptual is not None:
