@@ -107,7 +107,8 @@ def test_folder_loads_with_diffusers_own_classes(exported: Path, checkpoint_mode
     assert settings["text_encoder"]["weights"] == "text_encoder" and settings["text_encoder"]["reference"] is None
     # the loader: copies of the pipeline and the standalone modules it imports, each from its one source
     sources = {"__init__.py": "pipeline.py", "encoders/text_model.py": "encoders/text_model.py",
-               "sampling/runtime.py": "sampling/runtime.py"}
+               "sampling/runtime.py": "sampling/runtime.py",
+               "generators/patch_autoencoder.py": "generators/patch_autoencoder.py"}
     assert {name: path.relative_to(REPO_ROOT / "text2img").as_posix() for name, path in loader_files().items()} == sources
     for name, source in sources.items():
         assert (exported / LOADER_PACKAGE / name).read_text() == (REPO_ROOT / "text2img" / source).read_text()

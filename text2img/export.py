@@ -7,7 +7,8 @@ without Hydra or the training code:
                           UNet2DConditionModel, or a diffusion transformer (PixArtTransformer2DModel) with, for
                           generator.time_vector, its vector embedding in transformer/vector_embedding.safetensors
     scheduler/            the sampler the checkpoint samples with (noise schedule config + sampler kwargs)
-    vae/                  the first stage of latent diffusion, its latent scale as `scaling_factor`
+    vae/                  the first stage of latent diffusion (AutoencoderKL or PatchAutoencoder), its latent scale
+                          as `scaling_factor`
     fusion/fusion.pt2     the fusion head as a torch.export program (tokens, mask, pooled, timestep)
     fusion/null_text.safetensors   the learned null embedding of classifier-free guidance
     text_encoder/         the text encoder's weights and tokenizer (copy_encoder=true)
@@ -274,7 +275,7 @@ def save_denoiser(denoiser: Denoiser, folder: Path) -> None:
 
 
 def save_first_stage(generator: LatentDiffusionGenerator, folder: Path) -> None:
-    """The first stage's `AutoencoderKL` with the latent scale as its `scaling_factor`: diffusers pipelines
+    """The first stage's `AutoencoderKL` (or fitted `PatchAutoencoder`) with the latent scale as its `scaling_factor`: diffusers pipelines
     decode `latents / vae.config.scaling_factor`, which is what `LatentDiffusionGenerator` does."""
     generator.first_stage.autoencoder.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -299,8 +300,9 @@ def readme(settings: dict[str, Any], objective: str, has_vae: bool) -> str:
         if text["reference"].get("gguf_file"):
             encoder += "; reading a GGUF file also needs `pip install gguf`"
     vae = (
-        "- `vae/`: the first stage, a diffusers `AutoencoderKL`; latents are decoded as\n"
-        "  `vae.decode(latents / vae.config.scaling_factor)`.\n"
+        "- `vae/`: the first stage, a diffusers `AutoencoderKL` or, when its config's `_class_name` says so, a fitted\n"
+        "  linear patch code (`text2img_pipeline.generators.patch_autoencoder.PatchAutoencoder`, the same interface);\n"
+        "  latents are decoded as `vae.decode(latents / vae.config.scaling_factor)`.\n"
     )
     return README.format(
         size=sampling["image_size"], steps=sampling["sample_steps"], guidance=sampling["guidance_scale"],

@@ -1,9 +1,10 @@
 """Generate images from a folder written by `python -m text2img.export`, without text2img.
 
-The loader: it imports only torch, diffusers, transformers, safetensors, Pillow, the standard library and its two
-standalone siblings, `text2img.encoders.text_model` (text encoding, also what `HFTextEncoder` encodes with) and
-`text2img.sampling.runtime` (the sampling loop, also what the diffusion generators sample with), by relative
-imports. The export copies the three into every folder as the package `text2img_pipeline/` (this module as its
+The loader: it imports only torch, diffusers, transformers, safetensors, Pillow, the standard library and its
+standalone siblings, `text2img.encoders.text_model` (text encoding, also what `HFTextEncoder` encodes with),
+`text2img.sampling.runtime` (the sampling loop, also what the diffusion generators sample with) and
+`text2img.generators.patch_autoencoder` (the fitted patch code, a first stage), by relative imports. The export
+copies them into every folder as the package `text2img_pipeline/` (this module as its
 `__init__.py`, the siblings at their paths in text2img), where they run with `pip install torch diffusers
 transformers safetensors` alone, and import each other, never an installed text2img: a folder keeps the code it
 was exported with. The exported model therefore encodes and samples as the trained one does.
@@ -31,6 +32,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .generators.patch_autoencoder import PatchAutoencoder
 from .encoders.text_model import encode_tokens, load_text_model, prepare_text_model, tokenize
 from .sampling.runtime import (
     DEFAULT_STRENGTH,
@@ -107,7 +109,7 @@ class Text2ImgPipeline:
         text_model: PreTrainedModel,
         text_settings: dict[str, Any],
         sampling: Sampling,
-        vae: AutoencoderKL | None = None,
+        vae: AutoencoderKL | PatchAutoencoder | None = None,
         device: torch.device | str = "cpu",
         transformer: ModelMixin | None = None,
         vector_embedding: nn.Module | None = None,
@@ -151,7 +153,9 @@ class Text2ImgPipeline:
         vae = None
         if (folder / VAE_DIR).is_dir():
             # Frozen, as in text2img: some CPU kernels differ in the last bits when the weights require grad.
-            vae = AutoencoderKL.from_pretrained(folder / VAE_DIR).to(device).eval().requires_grad_(False)
+            vae_class = json.loads((folder / VAE_DIR / "config.json").read_text())["_class_name"]
+            vae_class = PatchAutoencoder if vae_class == PatchAutoencoder.__name__ else AutoencoderKL
+            vae = vae_class.from_pretrained(folder / VAE_DIR).to(device).eval().requires_grad_(False)
         program = torch.export.load(folder / FUSION_FILE)
         if torch.device(device).type != "cpu":
             program = torch.export.passes.move_to_device_pass(program, device)

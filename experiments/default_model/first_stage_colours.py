@@ -6,8 +6,8 @@ over reconstructed.
 
 Reconstructs a fixed random sample of the rendered OpenMoji images (32 px, the render cache of `data=openmoji`)
 through each first stage's posterior mean and decoder and, with --pca, through a fixed linear code of the same
-latent shape (each 4x4 RGB patch projected on the top CHANNELS principal components of all rendered images'
-patches: no training, fitted in 0.2 s), and prints per first stage:
+latent shape (generator/first_stage=patch_pca: each 4x4 RGB patch projected on the top CHANNELS principal
+components of all rendered images' patches, no training, fitted in 0.2 s), and prints per first stage:
 - PSNR (dB, peak-to-peak 2 on [-1, 1]), averaged over images;
 - colour error: on the real images' coloured pixels (CIELAB chroma C*ab > 20), the mean distance between real and
   reconstructed colour in the a*b* plane, lightness left out (about 50 for yellow or red drawn brown, 0 for a
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from text2img.data.openmoji import OpenMojiRender
 from text2img.generators.first_stage import load_first_stage
+from text2img.generators.patch_autoencoder import PatchAutoencoder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,20 +73,11 @@ def first_stage_reconstructions(checkpoint: str, real: Tensor) -> Tensor:
     return first_stage.decode(first_stage.moments(real).chunk(2, dim=1)[0]).clamp(-1, 1)
 
 
-def patch_pca_reconstructions(fit_images: Tensor, real: Tensor, channels: int, patch: int = 4) -> Tensor:
-    """`real` through the top `channels` principal components of the `patch` x `patch` RGB patches of
-    `fit_images`: a fixed linear code of a first stage's latent shape (channels x H/patch x W/patch)."""
-
-    def to_patches(images: Tensor) -> Tensor:
-        return F.pixel_unshuffle(images, patch).permute(0, 2, 3, 1).flatten(0, 2)
-
-    patches = to_patches(fit_images)
-    mean = patches.mean(dim=0)
-    basis = torch.linalg.svd(patches - mean, full_matrices=False).Vh[:channels]
-    codes = (to_patches(real) - mean) @ basis.T
-    batch, _, height, width = real.shape
-    rebuilt = (codes @ basis + mean).view(batch, height // patch, width // patch, -1).permute(0, 3, 1, 2)
-    return F.pixel_shuffle(rebuilt, patch).clamp(-1, 1)
+def patch_pca_reconstructions(fit_images: Tensor, real: Tensor, channels: int) -> Tensor:
+    """`real` through generator/first_stage=patch_pca's code of `channels` components, fitted on `fit_images`."""
+    code = PatchAutoencoder(latent_channels=channels, patch_size=4).fit(fit_images.split(256))
+    with torch.no_grad():
+        return code.decode(code.encode(real).latent_dist.mean).sample.clamp(-1, 1)
 
 
 def save_strip(real: Tensor, rebuilt: Tensor, out: Path) -> None:

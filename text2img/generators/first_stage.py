@@ -1,4 +1,5 @@
-"""The frozen image autoencoder that latent diffusion runs in: a diffusers `AutoencoderKL`."""
+"""The frozen image autoencoder that latent diffusion runs in: a diffusers `AutoencoderKL` (trained or pretrained),
+or a `PatchAutoencoder` fitted to the training images when the run is built."""
 
 from __future__ import annotations
 
@@ -12,23 +13,33 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from text2img.data.base import ImageCaptionSource
 from text2img.errors import ConfigError
+from text2img.generators.patch_autoencoder import PatchAutoencoder
 from text2img.generators.vae import VAEGenerator
 from text2img.networks.frozen import FrozenNetwork
 from text2img.utils.checkpoints import load_checkpoint
 from text2img.utils.paths import CONF_DIR
 from text2img.utils.precision import WEIGHT_DTYPES
+from text2img.utils.progress import Progress
+
+# Images read at once when fitting a patch code (bounds memory, not results: the fit accumulates in float64).
+FIT_BATCH = 256
+# The autoencoder classes a first stage can be, by the `_class_name` of their diffusers config.
+AUTOENCODERS: dict[str, type[AutoencoderKL | PatchAutoencoder]] = {
+    "AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder,
+}
 
 
 class FirstStage(FrozenNetwork):
-    """A frozen `AutoencoderKL`: images in [-1, 1] <-> unscaled latents [B, C, H/f, W/f].
+    """A frozen `AutoencoderKL` or `PatchAutoencoder`: images in [-1, 1] <-> unscaled latents [B, C, H/f, W/f].
 
-    `source` says where the weights came from (a text2img VAE checkpoint, a diffusers folder or a hub
-    name); `identity()` keys caches of its latents. Its weights may be in a low precision (`load_first_stage`'s
+    `source` says where the weights came from (a text2img VAE checkpoint, a diffusers folder, a hub name, or
+    "fitted" for a patch code fitted by `fit_to`); `identity()` keys caches of its latents. Its weights may be in a low precision (`load_first_stage`'s
     `dtype`): it takes inputs of any float dtype and returns float32, with or without autocast.
     """
 
-    def __init__(self, autoencoder: AutoencoderKL, source: str) -> None:
+    def __init__(self, autoencoder: AutoencoderKL | PatchAutoencoder, source: str) -> None:
         super().__init__()
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         self.source = source
@@ -40,6 +51,8 @@ class FirstStage(FrozenNetwork):
     @property
     def downsample(self) -> int:
         """How many pixels one latent position covers along each side."""
+        if isinstance(self.autoencoder, PatchAutoencoder):
+            return int(self.autoencoder.config.patch_size)
         return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
 
     @property
@@ -64,12 +77,46 @@ class FirstStage(FrozenNetwork):
         return self.autoencoder.decode(latents.to(self.dtype)).sample.float()
 
     def identity(self) -> dict[str, Any]:
-        return {"class": "AutoencoderKL", "source": self.source, "config": dict(self.autoencoder.config)}
+        return {"class": type(self.autoencoder).__name__, "source": self.source, "config": dict(self.autoencoder.config)}
+
+    def fit_to(self, source: Any) -> None:
+        """Fit a patch code that is not fitted yet on `source`'s un-augmented training images (once: a fitted or
+        loaded one is kept); nothing for a trained autoencoder."""
+        if not isinstance(self.autoencoder, PatchAutoencoder) or self.autoencoder.fitted:
+            return
+        if not isinstance(source, ImageCaptionSource):
+            raise ConfigError(
+                f"generator/first_stage=patch_pca is fitted on the training images of a data source with splits, "
+                f"and {type(source).__name__} streams its images; fit it on another run's data and pass that run's "
+                "exported vae/ folder as generator.first_stage.source (with generator/first_stage=autoencoder)"
+            )
+        images = source.split("train", augmented=False)
+        with Progress("fitting the patch code to the training images", len(images), "images") as progress:
+
+            def batches():
+                for start in range(0, len(images), FIT_BATCH):
+                    indices = range(start, min(start + FIT_BATCH, len(images)))
+                    yield torch.stack([images[i][0] for i in indices])
+                    progress.advance(len(indices))
+
+            self.autoencoder.fit(batches())
+
+
+def patch_pca_first_stage(latent_channels: int, patch_size: int, dtype: str = "float32") -> FirstStage:
+    """An unfitted patch code (`PatchAutoencoder`) of `latent_channels` x H/`patch_size` x W/`patch_size` latents;
+    the run's builder fits it to the training images (`FirstStage.fit_to`), a checkpoint restores its fit."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
+    try:
+        autoencoder = PatchAutoencoder(latent_channels=latent_channels, patch_size=patch_size)
+    except ValueError as exc:
+        raise ConfigError(f"generator/first_stage=patch_pca: {exc}") from exc
+    return FirstStage(torch.nn.Module.to(autoencoder, getattr(torch, dtype)), "fitted")
 
 
 def load_first_stage(source: str, subfolder: str | None = None, dtype: str = "float32") -> FirstStage:
     """A frozen first stage from a text2img checkpoint (`*.ckpt` of an unconditional `generator=vae` run),
-    a diffusers `AutoencoderKL` folder, or a hub name (`subfolder`: e.g. "vae" in a pipeline's repository),
+    a diffusers `AutoencoderKL` or `PatchAutoencoder` folder (an export's vae/), or a hub name (`subfolder`: e.g. "vae" in a pipeline's repository),
     its weights in `dtype` (float32, bfloat16 or float16; the config derives it from trainer.precision)."""
     if dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
@@ -120,9 +167,10 @@ def _autoencoder_of_checkpoint(path: str) -> AutoencoderKL:
     return autoencoder
 
 
-def _pretrained_autoencoder(source: str, subfolder: str | None) -> AutoencoderKL:
+def _pretrained_autoencoder(source: str, subfolder: str | None) -> AutoencoderKL | PatchAutoencoder:
     folder = Path(source).expanduser()
     usage = "pass a generator=vae run's .ckpt, a folder saved by AutoencoderKL.save_pretrained, or a hub name"
+    kind = "AutoencoderKL"
     if folder.is_dir():
         model = folder / subfolder if subfolder else folder
         config = model / "config.json"
@@ -133,14 +181,14 @@ def _pretrained_autoencoder(source: str, subfolder: str | None) -> AutoencoderKL
                 f"first stage '{model}' holds no AutoencoderKL: it has no config.json{hint}; {usage}"
             )
         kind = json.loads(config.read_text()).get("_class_name")
-        if kind != "AutoencoderKL":
-            raise ConfigError(f"first stage '{model}' holds a {kind}, not an AutoencoderKL; {usage}")
+        if kind not in AUTOENCODERS:
+            raise ConfigError(f"first stage '{model}' holds a {kind}, not an {' or '.join(AUTOENCODERS)}; {usage}")
     elif source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ConfigError(f"first stage '{source}' does not exist; {usage}")
     try:
         # low_cpu_mem_usage=False: the default asks for `accelerate`, and says so on every load
-        return AutoencoderKL.from_pretrained(str(folder) if folder.is_dir() else source, subfolder=subfolder,
-                                             low_cpu_mem_usage=False)
+        return AUTOENCODERS[kind].from_pretrained(str(folder) if folder.is_dir() else source, subfolder=subfolder,
+                                                  low_cpu_mem_usage=False)
     except RuntimeError as exc:  # weights that do not fit the config: report the first mismatch
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         raise ConfigError(

@@ -93,8 +93,10 @@ def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     generator = instantiate(cfg.generator)
     names = _choice(cfg, "fusion"), _choice(cfg, "generator")
     fusion = build_fusion(cfg.fusion, generator, *names)
-    if isinstance(generator, LatentDiffusionGenerator) and generator.cache_latents:
-        datamodule.cache_latents(generator.first_stage, f"{cfg.paths.cache_dir}/latents")
+    if isinstance(generator, LatentDiffusionGenerator):
+        generator.first_stage.fit_to(datamodule.source)  # a patch code, fitted before its latents are cached
+        if generator.cache_latents:
+            datamodule.cache_latents(generator.first_stage, f"{cfg.paths.cache_dir}/latents")
     conditioner = TextConditioner(
         encoder, text_data["embedding_cache_dir"], text_model.get("text_dim"), expander, augment, reference,
         caption_dropout=text_model.get("caption_dropout", 0.1),

@@ -40,8 +40,8 @@ CHECKPOINT = Path("checkpoints") / "last.ckpt"
 def ensure_first_stage(cfg: DictConfig) -> None:
     """Set `generator.first_stage.source` to a trained first stage when the config leaves it null."""
     first_stage = cfg.generator.get("first_stage")
-    if first_stage is None or first_stage.get("source") is not None:
-        return
+    if first_stage is None or "source" not in first_stage or first_stage.source is not None:
+        return  # not latent diffusion, a first stage given, or one fitted to the data (patch_pca)
     run = cfg.get("first_stage_run")
     if run is None:
         raise ConfigError(
