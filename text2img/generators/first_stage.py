@@ -102,13 +102,15 @@ class FirstStage(FrozenNetwork):
             self.autoencoder.fit(batches())
 
 
-def patch_pca_first_stage(latent_channels: int, patch_size: int, dtype: str = "float32") -> FirstStage:
+def patch_pca_first_stage(
+    latent_channels: int, patch_size: int, whitening: float = 1.0, dtype: str = "float32"
+) -> FirstStage:
     """An unfitted patch code (`PatchAutoencoder`) of `latent_channels` x H/`patch_size` x W/`patch_size` latents;
     the run's builder fits it to the training images (`FirstStage.fit_to`), a checkpoint restores its fit."""
     if dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
     try:
-        autoencoder = PatchAutoencoder(latent_channels=latent_channels, patch_size=patch_size)
+        autoencoder = PatchAutoencoder(latent_channels=latent_channels, patch_size=patch_size, whitening=whitening)
     except ValueError as exc:
         raise ConfigError(f"generator/first_stage=patch_pca: {exc}") from exc
     return FirstStage(torch.nn.Module.to(autoencoder, getattr(torch, dtype)), "fitted")

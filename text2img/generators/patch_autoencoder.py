@@ -37,13 +37,21 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
     """Images [B, in_channels, H, W] <-> latents [B, latent_channels, H/p, W/p], p = `patch_size`.
 
     encode: z = (patch - mean) . components / scales; decode: patch = (z * scales) . components + mean. The
-    components are orthonormal, so decode(encode(x)) is x's projection on their span. Unfitted (zeros) until
-    `fit` runs or weights are loaded; `fitted` says which.
+    components are orthonormal, so decode(encode(x)) is x's projection on their span. `scales` are the components'
+    standard deviations to the power `whitening`: 1 gives every latent channel unit variance, 0 keeps the PCA's
+    own variances, between them the fine components (small variance) stay smaller than the coarse ones, so that
+    diffusion noise drowns them first and the sampler settles them last. Unfitted (zeros) until `fit` runs or
+    weights are loaded; `fitted` says which.
     """
 
     @register_to_config
     def __init__(
-        self, in_channels: int = 3, latent_channels: int = 16, patch_size: int = 4, scaling_factor: float = 1.0
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 16,
+        patch_size: int = 4,
+        whitening: float = 1.0,
+        scaling_factor: float = 1.0,
     ) -> None:
         super().__init__()
         width = in_channels * patch_size**2
@@ -107,6 +115,7 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
             )
         largest = vectors.abs().argmax(dim=1)
         vectors = vectors * vectors.gather(1, largest[:, None]).sign()
-        for parameter, value in ((self.mean, mean), (self.components, vectors), (self.scales, variances.sqrt())):
+        scales = variances.sqrt() ** self.config.whitening
+        for parameter, value in ((self.mean, mean), (self.components, vectors), (self.scales, scales)):
             parameter.copy_(value.to(parameter.dtype))
         return self
