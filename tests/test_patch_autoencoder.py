@@ -54,12 +54,13 @@ def test_the_code_is_orthonormal_whitened_and_a_projection():
 def test_whitening_sets_the_channels_variances_and_not_the_reconstruction():
     images = correlated_images()
     codes = {w: PatchAutoencoder(latent_channels=8, whitening=w).fit([images]) for w in (0.0, 0.5, 1.0)}
-    variances = {w: code.encode(images).latent_dist.mean.var(dim=(0, 2, 3), unbiased=False) for w, code in codes.items()}
+    latents = {w: code.encode(images).latent_dist.mean for w, code in codes.items()}
+    variances = {w: z.var(dim=(0, 2, 3), unbiased=False) for w, z in latents.items()}
     # whitening 0 keeps the PCA's variances (descending), 0.5 their square roots, 1 ones
     torch.testing.assert_close(variances[0.0], codes[1.0].scales.detach() ** 2, rtol=1e-3, atol=0)
     torch.testing.assert_close(variances[0.5], codes[1.0].scales.detach(), rtol=1e-3, atol=0)
     assert variances[0.0][0] > 10 * variances[0.0][-1]
-    rebuilt = {w: code.decode(code.encode(images).latent_dist.mean).sample for w, code in codes.items()}
+    rebuilt = {w: code.decode(latents[w]).sample for w, code in codes.items()}
     torch.testing.assert_close(rebuilt[0.0], rebuilt[1.0], atol=1e-5, rtol=0)
     torch.testing.assert_close(rebuilt[0.5], rebuilt[1.0], atol=1e-5, rtol=0)
 

@@ -35,8 +35,9 @@ class FirstStage(FrozenNetwork):
     """A frozen `AutoencoderKL` or `PatchAutoencoder`: images in [-1, 1] <-> unscaled latents [B, C, H/f, W/f].
 
     `source` says where the weights came from (a text2img VAE checkpoint, a diffusers folder, a hub name, or
-    "fitted" for a patch code fitted by `fit_to`); `identity()` keys caches of its latents. Its weights may be in a low precision (`load_first_stage`'s
-    `dtype`): it takes inputs of any float dtype and returns float32, with or without autocast.
+    "fitted" for a patch code fitted by `fit_to`); `identity()` keys caches of its latents. Its weights may be in
+    a low precision (`load_first_stage`'s `dtype`): it takes inputs of any float dtype and returns float32, with
+    or without autocast.
     """
 
     def __init__(self, autoencoder: AutoencoderKL | PatchAutoencoder, source: str) -> None:
@@ -77,7 +78,8 @@ class FirstStage(FrozenNetwork):
         return self.autoencoder.decode(latents.to(self.dtype)).sample.float()
 
     def identity(self) -> dict[str, Any]:
-        return {"class": type(self.autoencoder).__name__, "source": self.source, "config": dict(self.autoencoder.config)}
+        config = dict(self.autoencoder.config)
+        return {"class": type(self.autoencoder).__name__, "source": self.source, "config": config}
 
     def fit_to(self, source: Any) -> None:
         """Fit a patch code that is not fitted yet on `source`'s un-augmented training images (once: a fitted or
@@ -107,21 +109,26 @@ def patch_pca_first_stage(
 ) -> FirstStage:
     """An unfitted patch code (`PatchAutoencoder`) of `latent_channels` x H/`patch_size` x W/`patch_size` latents;
     the run's builder fits it to the training images (`FirstStage.fit_to`), a checkpoint restores its fit."""
-    if dtype not in WEIGHT_DTYPES:
-        raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
+    weights_dtype = _weights_dtype(dtype)
     try:
         autoencoder = PatchAutoencoder(latent_channels=latent_channels, patch_size=patch_size, whitening=whitening)
     except ValueError as exc:
         raise ConfigError(f"generator/first_stage=patch_pca: {exc}") from exc
-    return FirstStage(torch.nn.Module.to(autoencoder, getattr(torch, dtype)), "fitted")
+    return FirstStage(torch.nn.Module.to(autoencoder, weights_dtype), "fitted")
+
+
+def _weights_dtype(name: str) -> torch.dtype:
+    if name not in WEIGHT_DTYPES:
+        raise ConfigError(f"generator.first_stage.dtype={name!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
+    return getattr(torch, name)
 
 
 def load_first_stage(source: str, subfolder: str | None = None, dtype: str = "float32") -> FirstStage:
-    """A frozen first stage from a text2img checkpoint (`*.ckpt` of an unconditional `generator=vae` run),
-    a diffusers `AutoencoderKL` or `PatchAutoencoder` folder (an export's vae/), or a hub name (`subfolder`: e.g. "vae" in a pipeline's repository),
-    its weights in `dtype` (float32, bfloat16 or float16; the config derives it from trainer.precision)."""
-    if dtype not in WEIGHT_DTYPES:
-        raise ConfigError(f"generator.first_stage.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
+    """A frozen first stage from a text2img checkpoint (`*.ckpt` of an unconditional `generator=vae` run), a
+    diffusers `AutoencoderKL` or `PatchAutoencoder` folder (an export's vae/), or a hub name (`subfolder`: e.g.
+    "vae" in a pipeline's repository), its weights in `dtype` (float32, bfloat16 or float16; the config derives
+    it from trainer.precision)."""
+    weights_dtype = _weights_dtype(dtype)
     if source.endswith(".ckpt"):
         autoencoder, name = _autoencoder_of_checkpoint(source), source
     else:
@@ -129,7 +136,7 @@ def load_first_stage(source: str, subfolder: str | None = None, dtype: str = "fl
         name = source if subfolder is None else f"{source}:{subfolder}"
     # The latent cache's key hashes the weights, so latents encoded in another dtype are never reused.
     # (torch's `to`: diffusers' own warns on every dtype cast, even with no modules to keep in float32.)
-    return FirstStage(torch.nn.Module.to(autoencoder, getattr(torch, dtype)), name)
+    return FirstStage(torch.nn.Module.to(autoencoder, weights_dtype), name)
 
 
 def _generator_option(target: str) -> str:
