@@ -39,6 +39,18 @@ def assert_same(a: TextEmbedding, b: TextEmbedding) -> None:
     torch.testing.assert_close(a.pooled, b.pooled, atol=1e-5, rtol=1e-4)
 
 
+def test_misses_are_encoded_in_chunks_of_similar_length_and_come_back_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("text2img.encoders.cache.ENCODE_CHUNK", 2)
+    encoder = TinyEncoder(max_length=16)
+    spy = Spy(encoder, monkeypatch)
+    cached = EmbeddingCache(tmp_path).lookup(encoder, CAPTIONS)
+    assert spy.calls == [["", "red apple"], ["grinning face", "man running facing right"],
+                         ["a much longer caption than the others"]]
+    assert_same(cached, TinyEncoder(max_length=16).encode(CAPTIONS))
+
+
 def test_miss_then_hit(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path)
     first = cache.lookup(TinyEncoder(), CAPTIONS)

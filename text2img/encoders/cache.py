@@ -36,9 +36,10 @@ class CacheStats:
 # the key, so existing caches keep matching (identity.json still lists them).
 LATER_OPTION_DEFAULTS = {"layer_mean": 1, "chat_template": False, "system_prompt": None}
 
-# Captions encoded per call when filling the cache: a progress line between calls (SmolLM2 on 2 CPU cores: ~4 s).
-# A caption's embedding does not depend on the others encoded with it (up to rounding), so chunks change nothing.
-ENCODE_CHUNK = 128
+# Captions encoded per call when filling the cache: a progress line between calls (SmolLM2 on 2 CPU cores: ~5 s).
+# A caption's embedding does not depend on the others encoded with it (up to rounding), so chunks and their order
+# change nothing.
+ENCODE_CHUNK = 512
 
 
 def cache_key(encoder: TextEncoder) -> str:
@@ -89,13 +90,18 @@ class EmbeddingCache:
 
     @staticmethod
     def _encode(encoder: TextEncoder, captions: list[str]) -> TextEmbedding:
-        """`encoder.encode(captions)` in chunks of `ENCODE_CHUNK`, reporting progress after each."""
+        """`encoder.encode(captions)` in chunks of `ENCODE_CHUNK`, reporting progress after each.
+
+        Chunks are cut from the captions sorted by length, so each batch pads its captions to a similar length:
+        1.5x the captions/s of chunks in dataset order for SmolLM2 on OpenMoji.
+        """
+        order = sorted(range(len(captions)), key=lambda index: len(captions[index]))
         parts = []
         with Progress(f"encoding captions with {type(encoder).__name__}", len(captions), "captions") as progress:
-            for start in range(0, len(captions), ENCODE_CHUNK):
-                parts.append(encoder.encode(captions[start : start + ENCODE_CHUNK]))
+            for start in range(0, len(order), ENCODE_CHUNK):
+                parts.append(encoder.encode([captions[index] for index in order[start : start + ENCODE_CHUNK]]))
                 progress.advance(len(parts[-1]))
-        return TextEmbedding.cat(parts)
+        return TextEmbedding.cat(parts)[torch.tensor(order).argsort()]
 
     @staticmethod
     def _index(folder: Path) -> dict[str, tuple[Path, int]]:
