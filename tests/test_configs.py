@@ -193,6 +193,20 @@ def test_the_openmoji_ldm_flow_preset_is_openmoji_ldm_on_openmoji_dits_objective
     assert flow.trainer == ldm.trainer and flow.first_stage_run == ldm.first_stage_run
 
 
+def test_the_budget_preset_is_openmoji_ldm_on_a_patch_code_for_fewer_steps(tmp_path):
+    """experiment=openmoji_ldm_budget (make train's) changes openmoji_ldm's first stage and length only: the same
+    encoder, fusion head, UNet, objective, sampler and optimizer, so the two compare at their own budgets."""
+    from text2img.generators.patch_autoencoder import PatchAutoencoder
+
+    ldm, budget = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm", "openmoji_ldm_budget"))
+    assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (400, 400)
+    code = instantiate(budget.generator.first_stage).autoencoder
+    assert isinstance(code, PatchAutoencoder) and code.config.latent_channels == 8
+    for cfg in (ldm, budget):
+        del cfg.generator.first_stage, cfg.trainer.max_steps, cfg.trainer.val_check_interval
+    assert budget == ldm
+
+
 def test_the_openmoji_dit_preset_is_openmoji_ldm_with_a_flow_dit(tmp_path, tiny_first_stage):
     """experiment=openmoji_dit swaps openmoji_ldm's UNet for a DiT on the flow objective and keeps the rest: the
     same nested first-stage run (so both presets share one cached first stage), latent cache and budget."""
