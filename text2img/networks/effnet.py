@@ -85,8 +85,14 @@ class EfficientNetLite0Features(ImageFeatureExtractor):
         # No torch.no_grad: the weights are frozen, so a graph is built only for images that require grad
         # (the GAN's alignment loss differentiates through these features).
         check_images(images)
-        weight = self.net._conv_stem.weight
-        x = images.to(device=weight.device, dtype=torch.float32)
+        device = self.net._conv_stem.weight.device
+        # On a CPU, small passes keep the 224 px activations in cache; the resize happens per pass too, so a large
+        # batch is never held at 224 px.
+        chunks = images.split(CPU_BATCH) if device.type == "cpu" else (images,)
+        return torch.cat([self._features(chunk.to(device)) for chunk in chunks])
+
+    def _features(self, images: Tensor) -> Tensor:
+        x = images.float()
         if not images.is_floating_point():
             x = x / 255
         if x.shape[-2:] != (self.input_size, self.input_size):
@@ -96,11 +102,8 @@ class EfficientNetLite0Features(ImageFeatureExtractor):
         x = (x * 255 - 127) / 128
         # Features feed float64 covariances; keep them out of bf16/fp16 autocast, and follow the weights'
         # dtype in case a parent `.to(dtype)` converted this submodule.
-        x = x.to(weight.dtype)
-        # On a CPU, small passes keep the 224 px activations in cache.
-        chunks = x.split(CPU_BATCH) if x.device.type == "cpu" else (x,)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            features = torch.cat([self.net.extract_features(chunk).mean((2, 3)) for chunk in chunks])
+            features = self.net.extract_features(x.to(self.net._conv_stem.weight.dtype)).mean((2, 3))
         return features.float()
 
     @torch.no_grad()
