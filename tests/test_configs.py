@@ -154,15 +154,17 @@ def test_the_real_corpus_preset_builds_offline(tmp_path):
 
 
 def test_default_config_wires_dimensions(tmp_path):
-    """Switching encoder= changes the fusion head's input size and nothing else needs editing."""
-    for encoder, size in [("smollm2", 576), ("minilm", 384), ("tiny", None)]:
-        cfg = compose_train(tmp_path, [f"encoder={encoder}"])
-        assert cfg.fusion.in_dim == cfg.encoder.hidden_size == cfg.model.text_dim
-        if size:
-            assert cfg.encoder.hidden_size == size
+    """Switching encoder= (or concatenating its layers) changes the fusion head's input size and nothing else needs
+    editing."""
+    cases = [(["encoder=smollm2"], 576), (["encoder=minilm"], 384), (["encoder=tiny"], 64)]
+    cases.append((["encoder=smollm2", "encoder.layers=[10,20,30]", "encoder.combine=concat"], 3 * 576))
+    for overrides, features in cases:
+        cfg = compose_train(tmp_path, overrides)
+        assert cfg.fusion.in_dim == cfg.encoder.features == cfg.model.text_dim == features
+        assert instantiate(cfg.encoder).features == features
         assert cfg.fusion.out_dim == cfg.generator.cond_dim
         fusion, generator = instantiate(cfg.fusion), instantiate(cfg.generator)
-        text = torch.randn(2, 5, cfg.encoder.hidden_size)
+        text = torch.randn(2, 5, features)
         from text2img.types import TextEmbedding
 
         cond = fusion(TextEmbedding(text, torch.ones(2, 5, dtype=torch.bool), text[:, 0]))
@@ -173,7 +175,7 @@ def test_cli_prints_composed_config(entry_point):
     out = entry_point("train", "--cfg", "job", "encoder=minilm")
     assert out.returncode == 0, out.stderr
     assert "_target_: text2img.encoders.MiniLMEncoder" in out.stdout
-    assert "in_dim: ${encoder.hidden_size}" in out.stdout
+    assert "in_dim: ${encoder.features}" in out.stdout
 
 
 def test_the_openmoji_ldm_flow_preset_is_openmoji_ldm_on_openmoji_dits_objective_and_sampler(tmp_path):

@@ -1,5 +1,6 @@
 """The on-disk embedding cache: hits never load the encoder, misses are encoded once, keys follow the encoder."""
 
+import hashlib
 import json
 import multiprocessing
 from collections.abc import Sequence
@@ -98,7 +99,13 @@ def test_no_captions(tmp_path: Path) -> None:
     assert out.tokens.shape == (0, 16, 64) and not encoder.is_loaded
 
 
-@pytest.mark.parametrize("change", [{"layer": -2}, {"template": "emoji: {caption}"}, {"max_length": 8}, {"seed": 1}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"layer": -2}, {"template": "emoji: {caption}"}, {"max_length": 8}, {"seed": 1}, {"layers": "all"},
+        {"layers": [0, -1], "combine": "concat"}, {"layers": [0, -1], "layer_norm": False}, {"keep_tokens": "caption"},
+    ],
+)
 def test_changing_the_encoder_changes_the_key(tmp_path: Path, change: dict) -> None:
     cache = EmbeddingCache(tmp_path)
     cache.lookup(TinyEncoder(), CAPTIONS)
@@ -108,6 +115,24 @@ def test_changing_the_encoder_changes_the_key(tmp_path: Path, change: dict) -> N
     assert cache.stats.misses == len(CAPTIONS)
     assert_same(out, changed.encode(CAPTIONS))
     assert len(list(tmp_path.glob("*/identity.json"))) == 2
+
+
+def test_keys_written_before_the_layer_and_token_options_still_match() -> None:
+    """Options added later are left out of the key at their defaults, so existing caches keep matching."""
+    encoder = TinyEncoder()
+    before = {
+        name: value for name, value in encoder.identity().items()
+        if name not in ("layer_mean", "chat_template", "system_prompt", "layers", "layer_norm", "combine", "keep_tokens")
+    }
+    assert cache_key(encoder) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_a_list_of_layers_is_cached_once(tmp_path: Path) -> None:
+    cache, encoder = EmbeddingCache(tmp_path), TinyEncoder(layers=[0, 1, 2], combine="concat")
+    out = cache.lookup(encoder, CAPTIONS)
+    assert out.tokens.shape[-1] == 3 * 64 and len(list(tmp_path.glob("*/*.safetensors"))) == 1
+    assert_same(cache.lookup(encoder, CAPTIONS), encoder.encode(CAPTIONS))
+    assert cache.stats.hits == len(set(CAPTIONS)) and cache.stats.misses == 0
 
 
 def test_storage_layout(tmp_path: Path) -> None:

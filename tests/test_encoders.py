@@ -1,6 +1,7 @@
 """Text encoders: the TextEncoder contract, padding invariance, layer/template/pooling options, config errors."""
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,101 @@ def test_layer_mean_averages_consecutive_layers() -> None:
     torch.testing.assert_close(lower.tokens, (embeddings.tokens + penultimate.tokens) / 2, atol=1e-5, rtol=1e-4)
 
 
+def layer_normed(text: TextEmbedding) -> torch.Tensor:
+    """Each token's features normalised as `layer_norm` does (zero stays zero at padding)."""
+    return torch.nn.functional.layer_norm(text.tokens, text.tokens.shape[-1:]) * text.mask[..., None]
+
+
+def test_a_list_of_layers_is_normalised_and_concatenated_or_averaged() -> None:
+    embeddings, first, last = (TinyEncoder(layer=index).encode(CAPTIONS) for index in (0, 1, 2))
+    joined = TinyEncoder(layers=[0, -1], combine="concat").encode(CAPTIONS)
+    assert joined.tokens.shape == (len(CAPTIONS), 16, 128) and torch.equal(joined.mask, last.mask)
+    torch.testing.assert_close(joined.tokens, torch.cat([layer_normed(embeddings), layer_normed(last)], -1))
+    raw = TinyEncoder(layers=[0, -1], combine="concat", layer_norm=False).encode(CAPTIONS)
+    torch.testing.assert_close(raw.tokens, torch.cat([embeddings.tokens, last.tokens], -1))
+    # all: every block's output (not the embeddings), each normalised, averaged
+    average = TinyEncoder(layers="all").encode(CAPTIONS)
+    torch.testing.assert_close(average.tokens, (layer_normed(first) + layer_normed(last)) / 2)
+    # one index is that layer, as `layer` reads it
+    assert torch.equal(TinyEncoder(layers=1).encode(CAPTIONS).tokens, first.tokens)
+
+
+def test_only_the_blocks_up_to_the_last_layer_read_are_loaded(minilm: MiniLMEncoder) -> None:
+    encoder = MiniLMEncoder(layers=[1, 3], combine="concat")
+    encoder.load()
+    assert encoder.hidden_indices == [1, 3] and len(encoder.model.encoder.layer) == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"layers": [1, 5]}, "encoder.layers holds 5, out of range for a model of 2 layers"),
+        ({"layers": [2, -1]}, "encoder.layers=[2, -1] names a layer twice (as [2, 2])"),
+        ({"layers": "last"}, "encoder.layers='last' is not an index, a list of indices or all"),
+        ({"layers": [1, 2], "layer": -2}, "encoder.layers=[1, 2] and encoder.layer=-2/layer_mean=1 both choose"),
+        ({"layers": "all", "combine": "concat"}, "encoder.combine=concat joins a list of layers"),
+        ({"combine": "sum"}, "encoder.combine='sum' is unknown; use one of mean, concat"),
+        ({"keep_tokens": "prompt"}, "encoder.keep_tokens='prompt' is unknown; use one of all, caption"),
+        ({"layers": [1, 2], "combine": "concat", "features": 64}, "encoder.features=64, but encoder.layers=[1, 2]"),
+    ],
+)
+def test_bad_layer_and_token_choices_are_one_line(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=None) as caught:
+        TinyEncoder(**options).encode([SHORT])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_template_tokens_are_dropped_after_encoding() -> None:
+    template = "an emoji of {caption}, flat icon"
+    texts = [SHORT, "", "red apple"]
+    whole = TinyEncoder(max_length=64, template=template).encode(texts)
+    caption = TinyEncoder(max_length=64, template=template, keep_tokens="caption").encode(texts)
+    first = TinyEncoder(max_length=64, template=template, keep_tokens="first_and_caption").encode(texts)
+    start = 1 + len("an emoji of ")  # <bos>, then one byte a token
+    for row, text in enumerate([SHORT, "red apple"]):
+        source = 2 * row  # rows 0 and 2; the empty caption is row 1
+        kept = slice(start, start + len(text))
+        assert int(caption.mask[source].sum()) == len(text) and int(first.mask[source].sum()) == len(text) + 1
+        torch.testing.assert_close(caption.tokens[source, : len(text)], whole.tokens[source, kept])
+        torch.testing.assert_close(first.tokens[source, 0], whole.tokens[source, 0])  # <bos>
+        torch.testing.assert_close(first.tokens[source, 1 : len(text) + 1], whole.tokens[source, kept])
+        # the pooled vector (the last token) is the caption's last token, not the template's
+        torch.testing.assert_close(caption.pooled[source], whole.tokens[source, kept][-1])
+        assert not caption.tokens[source, len(text) :].any()
+    # an empty caption has no token of its own: it keeps the text's last one, never an all-padding row
+    assert int(caption.mask[1].sum()) == 1
+    torch.testing.assert_close(caption.tokens[1, 0], whole.tokens[1, int(whole.mask[1].sum()) - 1])
+
+
+def test_the_chat_template_tokens_are_dropped_too() -> None:
+    encoder = ChatTiny(max_length=64, template="emoji: {caption}", chat_template=True, keep_tokens="caption")
+    whole = ChatTiny(max_length=64, template="emoji: {caption}", chat_template=True).encode([SHORT])
+    out = encoder.encode([SHORT])
+    start = len("[user]emoji: ")
+    assert int(out.mask[0].sum()) == len(SHORT)
+    torch.testing.assert_close(out.tokens[0, : len(SHORT)], whole.tokens[0, start : start + len(SHORT)])
+    assert encoder.tokenizer.decode(encoder.token_ids(SHORT)) == SHORT
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["encoder.layers=[0,2]", "encoder.combine=concat", "fusion=refiner", "fusion.norm=rms_scaled"],
+        ["encoder.layers=all", "encoder.keep_tokens=first_and_caption", "encoder.template='an emoji of {caption}'",
+         "fusion=refiner", "fusion.timestep_conditioned=true", "generator=dit"],
+    ],
+    ids=["concat-refiner", "all-caption-dit"],
+)
+def test_layer_and_token_choices_train_a_smoke_run(options: list[str], tmp_path: Path, imagefolder: Path) -> None:
+    from conftest import compose_train, smoke_overrides
+
+    from text2img.train import train
+
+    cfg = compose_train(tmp_path, smoke_overrides(imagefolder, "logger=csv", "callbacks.sample_grid=null", *options))
+    assert math.isfinite(train(cfg))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}[{{ m.role }}]{{ m.content }}|{% endfor %}"
     "{% if add_generation_prompt %}[assistant]{% endif %}"
@@ -243,9 +339,18 @@ def test_smollm2_chat_template(asset_cache_dir: Path) -> None:
     torch.testing.assert_close(out.tokens[0, :length], direct, atol=1e-5, rtol=1e-4)
 
 
-def test_export_settings_encode_like_the_encoder(tmp_path: Path) -> None:
-    """The exported loader reads the new options from text2img.json; exports written before them still load."""
-    encoder = ChatTiny(max_length=48, layer=-2, layer_mean=2, chat_template=True, system_prompt="be brief")
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"layer": -2, "layer_mean": 2},
+        {"layers": [0, -1], "combine": "concat", "keep_tokens": "first_and_caption"},
+        {"layers": "all", "keep_tokens": "caption"},
+    ],
+    ids=["layer_mean", "concat", "all"],
+)
+def test_export_settings_encode_like_the_encoder(tmp_path: Path, options: dict) -> None:
+    """The exported loader reads the layer and token choices from text2img.json and encodes as the encoder does."""
+    encoder = ChatTiny(max_length=48, chat_template=True, system_prompt="be brief", **options)
     settings = text_encoder_settings(encoder, copy=True, folder=tmp_path / "text_encoder")
     tokenizer, model = load_text_model(str(tmp_path / "text_encoder"))
     prepare_text_model(tokenizer, model, "tiny")
@@ -256,13 +361,17 @@ def test_export_settings_encode_like_the_encoder(tmp_path: Path) -> None:
     assert torch.equal(mask, expected.mask)
     torch.testing.assert_close(tokens, expected.tokens, atol=1e-6, rtol=0)
     torch.testing.assert_close(pooled, expected.pooled, atol=1e-6, rtol=0)
+
+
+def test_exports_written_before_the_later_options_still_encode(tmp_path: Path) -> None:
     plain = TinyEncoder(max_length=48)
-    older = text_encoder_settings(plain, copy=True, folder=tmp_path / "plain")
-    for option in ("layer_mean", "chat_template", "system_prompt"):
-        del older[option]
+    settings = text_encoder_settings(plain, copy=True, folder=tmp_path / "plain")
+    later = ("hidden_indices", "layer_norm", "combine", "keep_tokens", "chat_template", "system_prompt")
+    older = {key: value for key, value in settings.items() if key not in later} | {"layer": -1}
     tokenizer, model = load_text_model(str(tmp_path / "plain"))
     prepare_text_model(tokenizer, model, "tiny")
-    tokens, _, _ = Text2ImgPipeline(denoiser, None, None, {}, tokenizer, model, older, None).encode(CAPTIONS)
+    pipe = Text2ImgPipeline(torch.nn.Identity(), None, None, {}, tokenizer, model, older, None)
+    tokens, _, _ = pipe.encode(CAPTIONS)
     torch.testing.assert_close(tokens, plain.encode(CAPTIONS).tokens, atol=1e-6, rtol=0)
 
 

@@ -246,7 +246,7 @@ def test_latent_diffusion_export_gives_the_same_images(tmp_path: Path) -> None:
     assert images.shape == expected.shape == (4, 3, 16, 16)
     assert (images - expected).abs().max() <= TOLERANCE
     # the encoder reads its second-to-last layer; the copy keeps that layer by its resolved index
-    assert json.loads((out / SETTINGS_FILE).read_text())["text_encoder"]["layer"] == 1
+    assert json.loads((out / SETTINGS_FILE).read_text())["text_encoder"]["hidden_indices"] == [1]
     tokens, mask, pooled = pipe.encode(PROMPTS)
     assert torch.equal(tokens, text.tokens) and torch.equal(mask, text.mask) and torch.equal(pooled, text.pooled)
 
@@ -341,10 +341,10 @@ def test_a_folder_that_is_not_an_export_is_one_line(tmp_path: Path) -> None:
 
 
 def tiny_pixel_module(
-    fusion: FusionHead, time_vector: bool = False, flow: RectifiedFlow | None = None
+    fusion: FusionHead, time_vector: bool = False, flow: RectifiedFlow | None = None, **encoder_options
 ) -> tuple[Text2ImgModule, TinyEncoder]:
-    """Pixel diffusion on 16-px images with a tiny UNet and the given head (in 64, out 32), weights randomised;
-    with `flow`, trained with rectified flow."""
+    """Pixel diffusion on 16-px images with a tiny UNet and the given head (in 64 x layers read, out 32), weights
+    randomised; with `flow`, trained with rectified flow. `encoder_options` go to the tiny encoder."""
     from text2img.generators import DiffusionGenerator
 
     torch.manual_seed(0)
@@ -357,7 +357,7 @@ def tiny_pixel_module(
         sampler=DPMSolverMultistepScheduler, image_size=16, cond_dim=32, patch_size=2, sample_steps=3,
         guidance_scale=2.0, time_vector=time_vector, objective="flow" if flow else None, flow=flow,
     )
-    encoder = TinyEncoder(hidden_size=64, max_length=24)
+    encoder = TinyEncoder(hidden_size=64, max_length=48, **encoder_options)
     model = Text2ImgModule(fusion, generator, TextConditioner(encoder, "unused"), optimizer=torch.optim.AdamW)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -374,6 +374,19 @@ def test_timestep_aware_and_time_vector_models_export_with_the_same_images(tmp_p
     out = write_export(model, encoder, tmp_path / "model")
     pipe = Text2ImgPipeline.from_folder(out)
     assert pipe.unet.config.class_embed_type == ("projection" if time_vector else None)
+    images = pipe(PROMPTS, seed=SEEDS, output_type="pt")
+    expected = model.generate(encoder.encode(PROMPTS), SEEDS)
+    assert images.shape == expected.shape == (4, 3, 16, 16)
+    assert (images - expected).abs().max() <= TOLERANCE
+
+
+def test_a_refiner_on_concatenated_layers_and_caption_tokens_exports_with_the_same_images(tmp_path: Path) -> None:
+    from text2img.fusion import TokenRefiner
+
+    head = TokenRefiner(2 * 64, 32, depth=2, heads=4, norm="rms_scaled", timestep_conditioned=True, time_channels=16)
+    options = {"layers": [1, 2], "combine": "concat", "keep_tokens": "caption", "template": "an icon of {caption}"}
+    model, encoder = tiny_pixel_module(head, **options)
+    pipe = Text2ImgPipeline.from_folder(write_export(model, encoder, tmp_path / "model"))
     images = pipe(PROMPTS, seed=SEEDS, output_type="pt")
     expected = model.generate(encoder.encode(PROMPTS), SEEDS)
     assert images.shape == expected.shape == (4, 3, 16, 16)

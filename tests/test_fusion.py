@@ -1,4 +1,4 @@
-"""Fusion heads pooled_mlp, perceiver, timestep_aware and film: shapes, masks, gradients, export, the generators
+"""Fusion heads pooled_mlp, perceiver, timestep_aware, film and refiner: shapes, masks, gradients, export, the generators
 they can drive."""
 
 import copy
@@ -11,7 +11,10 @@ from hydra.utils import instantiate
 from conftest import compose_train, smoke_overrides
 from text2img.errors import ConfigError
 from text2img.export import export_fusion
-from text2img.fusion import FiLMHead, FusionHead, PerceiverResampler, PooledMLP, TimestepAwarePerceiver
+from text2img.fusion import (
+    FiLMHead, FusionHead, PerceiverResampler, PooledMLP, TimestepAwarePerceiver, TokenProjection, TokenRefiner,
+)
+from text2img.fusion.base import ScaledRMSNorm
 from text2img.generators import DiffusionGenerator, GANGenerator, Generator, build_fusion
 from text2img.train import train
 from text2img.types import Conditioning, TextEmbedding
@@ -178,7 +181,9 @@ BAD_PAIRS = {
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("fusion", ["token_projection", "pooled_mlp", "perceiver", "timestep_aware", "film"])
+@pytest.mark.parametrize(
+    "fusion", ["token_projection", "pooled_mlp", "perceiver", "timestep_aware", "film", "refiner"]
+)
 def test_compatibility_with_each_backend(fusion, backend, tmp_path, tiny_first_stage):
     """Every pairing that can work builds; every other one fails at build time in one line naming both."""
     generator = backend.split("-")[0]
@@ -223,6 +228,8 @@ def test_pooled_mlp_with_a_token_backend_fails_at_build_naming_both(
         ("timestep_aware", "diffusion", []),
         ("token_projection", "diffusion", ["generator.time_vector=true"]),
         ("film", "gan", []),
+        ("refiner", "dit", []),
+        ("refiner", "diffusion", ["fusion.timestep_conditioned=true", "fusion.norm=rms_scaled"]),
     ],
 )
 def test_optimisation_steps_train_the_head(fusion, generator, extra, tmp_path):
@@ -242,7 +249,8 @@ def test_optimisation_steps_train_the_head(fusion, generator, extra, tmp_path):
     # The GAN's FiLM and attention, the film head's output layers and the timestep modulation start at zero:
     # what feeds them has no gradient until a first step has moved them.
     zero_start = isinstance(backend, GANGenerator) or fusion in ("timestep_aware", "film")
-    for _ in range(2 if zero_start else 1):
+    # The refiner's blocks end at zero: their outputs move first, then what feeds them, then the timestep embedding.
+    for _ in range(3 if fusion == "refiner" else 2 if zero_start else 1):
         optimizer.zero_grad()
         value = loss()
         assert torch.isfinite(value)
@@ -389,3 +397,67 @@ def test_time_vector_adds_the_vector_to_the_unets_timestep_embedding(tmp_path):
     assert not torch.allclose(predict(cond.vector), predict(cond.vector.flip(0)))
     with pytest.raises(ValueError, match="class_labels should be provided"):
         unet(x, t, cond.tokens, encoder_attention_mask=cond.mask)
+
+
+# --- refiner ------------------------------------------------------------------------------------------------
+
+
+def moved(head: FusionHead) -> FusionHead:
+    """`head` with every weight nudged away from its start (a refiner starts as the identity)."""
+    generator = torch.Generator().manual_seed(3)
+    for parameter in head.parameters():
+        parameter.data.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return head
+
+
+def test_refiner_starts_as_the_token_projection_with_the_same_weights():
+    torch.manual_seed(0)
+    refiner = TokenRefiner(TEXT_DIM, COND_DIM, depth=2, heads=4)
+    projection = TokenProjection(TEXT_DIM, COND_DIM)
+    projection.norm.load_state_dict(refiner.norm.state_dict())
+    projection.proj[1].load_state_dict(refiner.proj.state_dict())
+    captions = text()
+    torch.testing.assert_close(refiner(captions).tokens, projection(captions).tokens, rtol=0, atol=0)
+
+
+def test_refined_tokens_read_the_whole_caption_and_ignore_padding():
+    head, captions = moved(TokenRefiner(TEXT_DIM, COND_DIM, depth=2, heads=4)).eval(), text()
+    cond = head(captions)
+    assert cond.tokens.shape == (3, 6, COND_DIM) and torch.equal(cond.mask, captions.mask)
+    assert not cond.tokens[~captions.mask].any()
+    padded = head(with_garbage_padding(captions))
+    torch.testing.assert_close(padded.tokens[:, :6], cond.tokens)
+    torch.testing.assert_close(padded.vector, cond.vector)
+    # bidirectional: the first token's output changes when a later token does (a causal LLM's state would not)
+    later = TextEmbedding(captions.tokens.clone(), captions.mask, captions.pooled)
+    later.tokens[0, 5] = torch.randn(TEXT_DIM, generator=torch.Generator().manual_seed(5))
+    assert (head(later).tokens[0, 0] - cond.tokens[0, 0]).abs().max() > 1e-3
+
+
+def test_timestep_conditioned_refiner_depends_on_the_timestep_and_exports(tmp_path):
+    head, captions = moved(TokenRefiner(TEXT_DIM, COND_DIM, heads=4, timestep_conditioned=True)).eval(), text()
+    assert head.timestep_aware
+    with pytest.raises(ValueError, match="needs the diffusion timestep"):
+        head(captions)
+    early, late = head(captions, torch.full((3,), 900)).tokens, head(captions, torch.tensor(10)).tokens
+    assert not torch.allclose(early, late)
+    export_fusion(head, torch.int64, tmp_path / "fusion.pt2")
+    program = torch.export.load(tmp_path / "fusion.pt2").module()
+    for batch, length, real in [(3, 6, (6, 4, 1)), (1, 13, (9,))]:
+        captions = text(batch, length, real)
+        timestep = torch.arange(batch) * 7
+        tokens, _ = program(captions.tokens, captions.mask, captions.pooled, timestep)
+        torch.testing.assert_close(tokens, head(captions, timestep).tokens)
+
+
+def test_a_timestep_conditioned_refiner_needs_a_generator_with_timesteps(tmp_path):
+    with pytest.raises(ConfigError, match="fusion=refiner with generator=gan: a timestep-aware head needs"):
+        smoke_pair(tmp_path, "refiner", "gan", "fusion.timestep_conditioned=true")
+
+
+def test_rms_scaled_starts_at_a_hundredth_of_the_rms_norm_and_learns_its_scale():
+    norm, features = ScaledRMSNorm(TEXT_DIM), text().tokens
+    torch.testing.assert_close(norm(features), torch.nn.functional.rms_norm(features, (TEXT_DIM,)) * 0.01)
+    head = TokenProjection(TEXT_DIM, COND_DIM, norm="rms_scaled")
+    head(text()).tokens.square().sum().backward()
+    assert head.norm.scale.grad is not None and head.norm.scale.grad.abs() > 0

@@ -107,22 +107,23 @@ def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path, tune
             f"copy_encoder=false, but the text encoder {encoder.model_id} ({type(encoder).__name__}) is built in "
             "code and cannot be loaded by reference; use copy_encoder=true"
         )
-    layer = encoder.layer
+    # Loaded to resolve the layers read (negative indices, `all`) into hidden-state indices, which stay valid in a
+    # copy that keeps only the blocks up to the last one read.
+    encoder.load()
     if copy:
-        encoder.load()
         assert encoder.model is not None and encoder.tokenizer is not None
         merged_copy(encoder.model).save_pretrained(folder)
         encoder.tokenizer.save_pretrained(folder)
-        # The loaded model keeps only the layers up to the one read: address that layer by its index.
-        layer = encoder.hidden_index
     return {
         "weights": folder.name if copy else None,
         "reference": reference,
         "tuned": tuned,
         "identity": encoder.identity(),
         "hidden_size": encoder.hidden_size,
-        "layer": layer,
-        "layer_mean": encoder.layer_mean,
+        "hidden_indices": encoder.hidden_indices,
+        "layer_norm": encoder.layer_norm,
+        "combine": encoder.combine,
+        "keep_tokens": encoder.keep_tokens,
         "pooling": encoder.pooling,
         "template": encoder.template,
         "chat_template": encoder.chat_template,
@@ -355,8 +356,9 @@ that was encoded in other batches, whose last bits can differ: against those, pi
   batch and length are dynamic.
 - `fusion/null_text.safetensors`: the learned unconditional embedding (`tokens` [1, D], `pooled` [D]):
   one always-attended token, the unconditional branch of guidance.
-- `text2img.json`: sampling settings (`generator`), the text encoder's settings (`text_encoder`: layer,
-  layer_mean, pooling, template, chat_template, system_prompt, max_length, dtype) and where the model
+- `text2img.json`: sampling settings (`generator`), the text encoder's settings (`text_encoder`:
+  hidden_indices, layer_norm, combine, keep_tokens, pooling, template, chat_template, system_prompt, max_length,
+  dtype) and where the model
   came from (`source`).
 - The text encoder is {encoder}. Its settings are those of the training run's text embeddings: {identity}.
 - `text2img_pipeline/`: the loader, a package that imports only the packages above and itself (copies of

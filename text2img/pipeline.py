@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .generators.patch_autoencoder import PatchAutoencoder
-from .encoders.text_model import encode_tokens, load_text_model, prepare_text_model, tokenize
+from .encoders.text_model import encode_tokens, hidden_indices, load_text_model, prepare_text_model, tokenize
 from .sampling.runtime import (
     DEFAULT_STRENGTH,
     GENERATION_CHUNK,
@@ -128,7 +128,10 @@ class Text2ImgPipeline:
         self.sampling = sampling
         self.vae = vae
         self.device = torch.device(device)
-        self.hidden_index = text_settings["layer"] % (text_model.config.num_hidden_layers + 1)
+        # Exports before layer selection stored `layer` and `layer_mean`.
+        self.hidden_indices = text_settings.get("hidden_indices") or hidden_indices(
+            None, text_settings["layer"], text_settings.get("layer_mean", 1), text_model.config.num_hidden_layers
+        )
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: torch.device | str = "cpu") -> Text2ImgPipeline:
@@ -194,18 +197,19 @@ class Text2ImgPipeline:
         """The text encoder's tokens [B, L, D], mask [B, L] and pooled [B, D] for the prompts."""
         text = self.text_settings
         # Settings added after format 1 was fixed default to their old behaviour for earlier exports.
-        features, truncated = tokenize(
+        texts = tokenize(
             self.tokenizer, prompts, template=text["template"], max_length=text["max_length"],
             chat_template=text.get("chat_template", False), system_prompt=text.get("system_prompt"),
+            keep_tokens=text.get("keep_tokens", "all"),
         )
-        if truncated:
+        if texts.truncated:
             log.warning(
-                "%d of %d prompts truncated to max_length=%d tokens", truncated, len(prompts), text["max_length"]
+                "%d of %d prompts truncated to max_length=%d tokens", texts.truncated, len(prompts), text["max_length"]
             )
         return encode_tokens(
-            self.text_model, self.tokenizer, features, max_length=text["max_length"], hidden_index=self.hidden_index,
-            layer_mean=text.get("layer_mean", 1), pooling=text["pooling"], batch_size=text["batch_size"],
-            device=self.device,
+            self.text_model, self.tokenizer, texts, max_length=text["max_length"], hidden_indices=self.hidden_indices,
+            layer_norm=text.get("layer_norm", False), combine=text.get("combine", "mean"), pooling=text["pooling"],
+            batch_size=text["batch_size"], device=self.device,
         )
 
     def _denoise(self, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> Tensor:

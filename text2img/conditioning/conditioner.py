@@ -174,7 +174,7 @@ class TextConditioner(nn.Module):
         self.caption_augment = caption_augment if caption_augment is not None and caption_augment.enabled else None
         self.augment_on_the_fly = self.caption_augment is not None and (self.trainable or augment_on_the_fly)
         self.caption_dropout = caption_dropout
-        text_dim = encoder.hidden_size if text_dim is None else text_dim
+        text_dim = encoder.features if text_dim is None else text_dim
         self.null_tokens = nn.Parameter(torch.randn(1, text_dim) * 0.02)
         self.null_pooled = nn.Parameter(torch.randn(text_dim) * 0.02)
         # caption -> the texts the encoder may read for it, for training and for evaluation/sampling

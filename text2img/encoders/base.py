@@ -20,6 +20,8 @@ class TextEncoder(nn.Module, ABC):
     """
 
     hidden_size: int
+    # the width of each token's features (hidden_size, or a multiple when several layers are concatenated)
+    features: int
     max_length: int
     trainable: bool = False
 

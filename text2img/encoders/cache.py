@@ -34,7 +34,10 @@ class CacheStats:
 
 # Encoder options added after caches were written, with their defaults: at those values they are left out of
 # the key, so existing caches keep matching (identity.json still lists them).
-LATER_OPTION_DEFAULTS = {"layer_mean": 1, "chat_template": False, "system_prompt": None}
+LATER_OPTION_DEFAULTS = {
+    "layer_mean": 1, "chat_template": False, "system_prompt": None,
+    "layers": None, "layer_norm": False, "combine": "mean", "keep_tokens": "all",
+}
 
 # Captions encoded per call when filling the cache: a progress line between calls (SmolLM2 on 2 CPU cores: ~5 s).
 # A caption's embedding does not depend on the others encoded with it (up to rounding), so chunks and their order
@@ -86,7 +89,7 @@ class EmbeddingCache:
                     index.update({caption: (shard, row) for row, caption in enumerate(missing)})
         self.stats = CacheStats(hits=len(unique) - len(missing), misses=len(missing))
         log.info("Embedding cache %s: %d hits, %d misses", key, self.stats.hits, self.stats.misses)
-        return self._gather(index, captions, encoder.max_length, encoder.hidden_size)
+        return self._gather(index, captions, encoder.max_length, encoder.features)
 
     @staticmethod
     def _encode(encoder: TextEncoder, captions: list[str]) -> TextEmbedding:
@@ -138,11 +141,11 @@ class EmbeddingCache:
 
     @staticmethod
     def _gather(
-        index: dict[str, tuple[Path, int]], captions: Sequence[str], max_length: int, hidden_size: int
+        index: dict[str, tuple[Path, int]], captions: Sequence[str], max_length: int, features: int
     ) -> TextEmbedding:
-        tokens = torch.zeros(len(captions), max_length, hidden_size)
+        tokens = torch.zeros(len(captions), max_length, features)
         mask = torch.zeros(len(captions), max_length, dtype=torch.bool)
-        pooled = torch.zeros(len(captions), hidden_size)
+        pooled = torch.zeros(len(captions), features)
         by_shard: dict[Path, tuple[list[int], list[int]]] = {}
         for position, caption in enumerate(captions):
             shard, row = index[caption]

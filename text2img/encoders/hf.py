@@ -20,8 +20,11 @@ from text2img.encoders.base import TextEncoder
 from text2img.errors import ConfigError
 from text2img.utils.lora import LoraSettings, add_lora
 from text2img.utils.precision import WEIGHT_DTYPES
+from text2img.utils.text_features import text_features
 # Standalone: exports ship a copy of it beside their loader, so exported models encode identically.
-from text2img.encoders.text_model import encode_tokens, load_text_model, prepare_text_model, tokenize
+from text2img.encoders.text_model import (
+    COMBINES, KEEP_TOKENS, TokenizedTexts, encode_tokens, hidden_indices, load_text_model, prepare_text_model, tokenize,
+)
 from text2img.types import TextEmbedding
 
 log = logging.getLogger(__name__)
@@ -78,13 +81,19 @@ def _drop_unused_layers(model: PreTrainedModel, keep: int) -> None:
 
 
 class HFTextEncoder(TextEncoder):
-    """Hidden states of one layer (or the mean of `layer_mean` consecutive layers ending at `layer`) of a
-    transformers model, one row per caption.
+    """Hidden states of a transformers model, one row per caption: of one layer (`layer`, or the mean of
+    `layer_mean` consecutive layers ending there) or of several (`layers`: a list of indices or `all`, every
+    block's output), each normalised (`layer_norm`) and then averaged or concatenated on the feature axis
+    (`combine`): the field's layer choices (the last, the penultimate as in Lumina-Image 2.0 and Kolors, a
+    normalised average of all as in NVIDIA's CVPR 2025 encoder study, three concatenated as in FLUX.2).
 
     Captions are wrapped by `template` and, with `chat_template`, by the tokenizer's chat template as the user
     turn (after a `system_prompt` turn if set; without one, the template's own default applies, e.g.
     SmolLM2's built-in system prompt). They are tokenized with right padding and truncated to `max_length`,
-    which counts the chat template's tokens too; the mask marks every real token, template included. With
+    which counts the chat template's tokens too; the mask marks every real token, template included, unless
+    `keep_tokens` drops the template's tokens after encoding (`caption`, as Qwen-Image drops its prompt's prefix,
+    or `first_and_caption`, as Sana keeps the first token too): the LLM reads the template, the generator does not.
+    With
     right padding and an attention mask, a caption's real positions do not depend on the other captions
     in its batch, so captions are sorted by length and each batch is padded only to its own longest.
 
@@ -100,6 +109,11 @@ class HFTextEncoder(TextEncoder):
         hidden_size: int,
         layer: int = -1,
         layer_mean: int = 1,
+        layers: int | Sequence[int] | str | None = None,
+        layer_norm: bool | None = None,
+        combine: str = "mean",
+        keep_tokens: str = "all",
+        features: int | None = None,
         max_length: int = 32,
         pooling: str = "last",
         template: str = "{caption}",
@@ -122,6 +136,30 @@ class HFTextEncoder(TextEncoder):
             raise ValueError(f"encoder.dtype={dtype!r} is unknown; use one of {', '.join(WEIGHT_DTYPES)}")
         if layer_mean < 1:
             raise ValueError(f"encoder.layer_mean={layer_mean} must be >= 1 (1 = the layer alone)")
+        if isinstance(layers, str) and layers != "all":
+            raise ConfigError(f"encoder.layers={layers!r} is not an index, a list of indices or all")
+        if layers is not None and not isinstance(layers, (int, str)):
+            layers = list(layers)  # a Hydra ListConfig
+        if layers is not None and (layer != -1 or layer_mean != 1):
+            raise ConfigError(
+                f"encoder.layers={layers} and encoder.layer={layer}/layer_mean={layer_mean} both choose layers; "
+                "give encoder.layers alone (e.g. [-1, -2]) or set encoder.layers=null"
+            )
+        if combine not in COMBINES:
+            raise ConfigError(f"encoder.combine={combine!r} is unknown; use one of {', '.join(COMBINES)}")
+        if combine == "concat" and not isinstance(layers, list):
+            raise ConfigError(
+                f"encoder.combine=concat joins a list of layers on the feature axis, but encoder.layers={layers}; "
+                "give a list, e.g. encoder.layers=[10,20,30]"
+            )
+        if keep_tokens not in KEEP_TOKENS:
+            raise ConfigError(f"encoder.keep_tokens={keep_tokens!r} is unknown; use one of {', '.join(KEEP_TOKENS)}")
+        width = text_features(hidden_size, layers, combine)
+        if features is not None and features != width:
+            raise ConfigError(
+                f"encoder.features={features}, but encoder.layers={layers} with combine={combine} gives {width} "
+                "features; leave encoder.features to its default"
+            )
         if system_prompt is not None and not chat_template:
             raise ValueError(
                 f"encoder.system_prompt={system_prompt!r} needs encoder.chat_template=true; set it or drop the prompt"
@@ -141,6 +179,16 @@ class HFTextEncoder(TextEncoder):
         self.hidden_size = hidden_size
         self.layer = layer
         self.layer_mean = layer_mean
+        self.layers = layers
+        # Several layers read through `layers` are normalised unless told otherwise: their scales differ by orders
+        # of magnitude (SmolLM2's median token RMS: 0.1 at the embeddings, 2 to 27 in the blocks, with a
+        # first token near 1,000 from block 12 on), so a plain mean would be the loudest layers'.
+        self.layer_norm = isinstance(layers, str) or (isinstance(layers, list) and len(layers) > 1)
+        if layer_norm is not None:
+            self.layer_norm = bool(layer_norm)
+        self.combine = combine
+        self.keep_tokens = keep_tokens
+        self.features = width
         self.max_length = max_length
         self.pooling = pooling
         self.template = template
@@ -155,8 +203,8 @@ class HFTextEncoder(TextEncoder):
         self.gradient_checkpointing = gradient_checkpointing
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        # Index into the model's `hidden_states` of the layer read (`layer` resolved when the model loads).
-        self.hidden_index = 0
+        # Indices into the model's `hidden_states` of the layers read (resolved when the model loads).
+        self.hidden_indices: list[int] = []
         # Whether the layers after the one read were kept (`load(whole=True)`).
         self.whole_model = False
         # Truncation is reported once per encoder, not on every batch of a trainable one.
@@ -189,6 +237,10 @@ class HFTextEncoder(TextEncoder):
             "model": self.model_id,
             "layer": self.layer,
             "layer_mean": self.layer_mean,
+            "layers": self.layers,
+            "layer_norm": self.layer_norm,
+            "combine": self.combine,
+            "keep_tokens": self.keep_tokens,
             "pooling": self.pooling,
             "template": self.template,
             "chat_template": self.chat_template,
@@ -226,7 +278,7 @@ class HFTextEncoder(TextEncoder):
             return
         start = time.perf_counter()
         tokenizer, model = self._load_pretrained()
-        self.hidden_index = self._check(model.config)
+        self.hidden_indices = self._check(model.config)
         layers = model.config.num_hidden_layers
         if self.chat_template and tokenizer.chat_template is None:
             raise ValueError(
@@ -235,8 +287,8 @@ class HFTextEncoder(TextEncoder):
             )
         prepare_text_model(tokenizer, model, self.model_id)
         if not whole:
-            # `layer_mean` reads only states before `hidden_index`, which these blocks all keep.
-            _drop_unused_layers(model, self.hidden_index + 1)
+            # Every state read comes from these blocks.
+            _drop_unused_layers(model, max(self.hidden_indices) + 1)
         self.whole_model = model.config.num_hidden_layers == layers
         # In `dtype` whatever the loader did (a model built in code starts in float32).
         model.to(self.torch_dtype).requires_grad_(self.mode == "full")
@@ -265,8 +317,8 @@ class HFTextEncoder(TextEncoder):
         self.model = model.to(self._device_anchor.device)
         log.info("Loaded text encoder %s in %.1f s", self.model_id, time.perf_counter() - start)
 
-    def _check(self, config: PretrainedConfig) -> int:
-        """Validate the settings against the model's config; return the hidden-state index to read."""
+    def _check(self, config: PretrainedConfig) -> list[int]:
+        """Validate the settings against the model's config; return the hidden-state indices to read."""
         actual = getattr(config, "hidden_size", None)
         if actual is not None and actual != self.hidden_size:
             raise ValueError(
@@ -291,7 +343,10 @@ class HFTextEncoder(TextEncoder):
                 f"encoder.layer_mean={self.layer_mean} with encoder.layer={self.layer} reaches below the embeddings "
                 f"of {self.model_id}, which has {layers} layers; set encoder.layer_mean<={index + 1}"
             )
-        return index
+        try:
+            return hidden_indices(self.layers, self.layer, self.layer_mean, layers)
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({self.model_id})") from None
 
     def unload(self) -> None:
         if self.trainable:
@@ -306,31 +361,38 @@ class HFTextEncoder(TextEncoder):
     def encode(self, captions: Sequence[str]) -> TextEmbedding:
         device = self._device_anchor.device
         if not captions:
-            tokens = torch.zeros(0, self.max_length, self.hidden_size, device=device)
+            tokens = torch.zeros(0, self.max_length, self.features, device=device)
             return TextEmbedding(tokens, torch.zeros(0, self.max_length, dtype=torch.bool, device=device), tokens[:, 0])
         self.load()
         assert self.model is not None and self.tokenizer is not None
-        features = self._tokenize(captions)
         tokens, mask, pooled = encode_tokens(
-            self.model, self.tokenizer, features, max_length=self.max_length, hidden_index=self.hidden_index,
-            layer_mean=self.layer_mean, pooling=self.pooling, batch_size=self.batch_size, device=device,
-            grad=self.trainable,
+            self.model, self.tokenizer, self._tokenize(captions), max_length=self.max_length,
+            hidden_indices=self.hidden_indices, layer_norm=self.layer_norm, combine=self.combine,
+            pooling=self.pooling, batch_size=self.batch_size, device=device, grad=self.trainable,
         )
         return TextEmbedding(tokens, mask, pooled)
 
-    def _tokenize(self, captions: Sequence[str]) -> list[dict[str, list[int]]]:
+    def _tokenize(self, captions: Sequence[str], keep_tokens: str | None = None) -> TokenizedTexts:
+        """The captions' tokens; `keep_tokens` overrides the encoder's choice."""
         assert self.tokenizer is not None
-        features, truncated = tokenize(
+        texts = tokenize(
             self.tokenizer, captions, template=self.template, max_length=self.max_length,
             chat_template=self.chat_template, system_prompt=self.system_prompt,
+            keep_tokens=self.keep_tokens if keep_tokens is None else keep_tokens,
         )
-        if truncated and not self._truncation_reported:
+        if texts.truncated and not self._truncation_reported:
             self._truncation_reported = True
             log.warning(
                 "encoder: %d of %d captions truncated to max_length=%d tokens; raise encoder.max_length to keep "
-                "them whole", truncated, len(captions), self.max_length,
+                "them whole", texts.truncated, len(captions), self.max_length,
             )
-        return features
+        return texts
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of the tokens whose states `encode([text])` returns, in order (the template's dropped ones left
+        out)."""
+        self.load()
+        return self._tokenize([text]).kept_ids(0)
 
     def check_next_token_loss(self) -> None:
         """Fail with one line when this model has no next-token loss to keep it from drifting."""
@@ -357,7 +419,9 @@ class HFTextEncoder(TextEncoder):
         self.load(whole=True)
         assert self.model is not None and self.tokenizer is not None
         device = self._device_anchor.device
-        batch = self.tokenizer.pad(self._tokenize(captions), padding=True, return_tensors="pt").to(device)
+        # The whole templated text: the LLM models its template's tokens too.
+        features = self._tokenize(captions, keep_tokens="all").features
+        batch = self.tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
         hidden = self.model(**batch).last_hidden_state
         logits = F.linear(hidden, self.model.get_input_embeddings().weight)
         labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)

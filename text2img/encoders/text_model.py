@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from itertools import groupby
 
 import torch
@@ -62,6 +63,51 @@ def prepare_text_model(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
     model.config.use_cache = False
 
 
+KEEP_TOKENS = ("all", "caption", "first_and_caption")
+COMBINES = ("mean", "concat")
+
+
+@dataclass
+class TokenizedTexts:
+    """What `tokenize` gives `encode_tokens`: token ids per text, unpadded, and which of them to keep.
+
+    features:  the tokenizer's rows (input_ids, attention_mask, ...), one per text
+    kept:      per text, whether each token survives encoding (None: all do); `keep_tokens="caption"` keeps the
+               caption's own tokens and drops the template's and the chat template's
+    truncated: how many texts `max_length` cut
+    """
+
+    features: list[dict[str, list[int]]]
+    kept: list[list[bool]] | None
+    truncated: int
+
+    def kept_ids(self, row: int) -> list[int]:
+        """The ids of text `row` that its embedding holds, in order."""
+        ids = self.features[row]["input_ids"]
+        return ids if self.kept is None else [i for i, keep in zip(ids, self.kept[row]) if keep]
+
+
+def _caption_span(text: str, template: str, caption: str) -> tuple[int, int]:
+    """Where the caption sits in `text`, the rendered prompt (template, then maybe the chat template around it)."""
+    templated = template.replace("{caption}", caption)
+    start = text.rfind(templated) + template.index("{caption}")  # the user turn comes after any system turn
+    return start, start + len(caption)
+
+
+def _kept_tokens(
+    offsets: Sequence[tuple[int, int]], span: tuple[int, int], keep_tokens: str
+) -> list[bool]:
+    """Per token: whether it overlaps the caption's characters (and, with first_and_caption, the first token).
+    A text whose caption gives no token (an empty prompt) keeps its last token, so its embedding is never empty."""
+    start, end = span
+    kept = [token_start < end and token_end > start for token_start, token_end in offsets]
+    if keep_tokens == "first_and_caption" and kept:
+        kept[0] = True
+    if kept and not any(kept):
+        kept[-1] = True
+    return kept
+
+
 def tokenize(
     tokenizer: PreTrainedTokenizerBase,
     captions: Sequence[str],
@@ -70,14 +116,18 @@ def tokenize(
     max_length: int,
     chat_template: bool = False,
     system_prompt: str | None = None,
-) -> tuple[list[dict[str, list[int]]], int]:
-    """Token ids per caption, unpadded, and how many captions `max_length` cut.
+    keep_tokens: str = "all",
+) -> TokenizedTexts:
+    """Token ids per caption, unpadded, which of them `keep_tokens` keeps, and how many captions `max_length` cut.
 
     With `chat_template`, the templated caption becomes the user turn of the tokenizer's chat template
     (after a system turn holding `system_prompt`, if set), ending with the assistant prompt so that the last
     token is where the model starts its reply. The rendered text carries its own special tokens, so none are
     added. Truncation keeps the start: a caption too long for `max_length` loses its end and the template's.
+    `keep_tokens` other than "all" locates the caption's tokens by their character offsets (a fast tokenizer's).
     """
+    if keep_tokens not in KEEP_TOKENS:
+        raise ValueError(f"keep_tokens={keep_tokens!r} is unknown; use one of {', '.join(KEEP_TOKENS)}")
     texts = [template.replace("{caption}", caption) for caption in captions]
     if chat_template:
         system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
@@ -89,14 +139,54 @@ def tokenize(
         ]
     special = {"add_special_tokens": not chat_template}
     truncated = sum(len(ids) > max_length for ids in tokenizer(texts, **special)["input_ids"])
-    encoded = tokenizer(texts, truncation=True, max_length=max_length, **special)
-    features = [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
+    offsets = keep_tokens != "all"
+    if offsets and not tokenizer.is_fast:
+        raise ValueError(
+            f"keep_tokens={keep_tokens} finds the caption's tokens by character offsets, which "
+            f"{type(tokenizer).__name__} (a slow tokenizer) does not give; use keep_tokens=all"
+        )
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=offsets, **special)
+    names = [key for key in encoded if key != "offset_mapping"]
+    features = [{key: encoded[key][i] for key in names} for i in range(len(texts))]
+    kept = None
+    if offsets:
+        kept = [
+            _kept_tokens(encoded["offset_mapping"][i], _caption_span(texts[i], template, caption), keep_tokens)
+            for i, caption in enumerate(captions)
+        ]
     fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    for row in features:
-        if not row["input_ids"]:
+    for row, features_row in enumerate(features):
+        if not features_row["input_ids"]:
             # An empty prompt would be an all-padding row (NaN attention downstream): give it one token.
-            row.update({key: [0] for key in row}, input_ids=[fallback], attention_mask=[1])
-    return features, truncated
+            features_row.update({key: [0] for key in features_row}, input_ids=[fallback], attention_mask=[1])
+            if kept is not None:
+                kept[row] = [True]
+    return TokenizedTexts(features, kept, truncated)
+
+
+def hidden_indices(layers: int | Sequence[int] | str | None, layer: int, layer_mean: int, num_layers: int) -> list[int]:
+    """The entries of a model's `hidden_states` (0 = embeddings, `num_layers` = the last block's output) that the
+    encoder reads: `layers` as one index, a list of indices or "all" (every block's output, not the embeddings);
+    with `layers` None, the `layer_mean` consecutive entries ending at `layer`. Indices may be negative (-1 = last).
+    Raises ValueError naming the setting when an index is out of range or repeated."""
+    if layers is None:
+        end = layer % (num_layers + 1)
+        return list(range(end - layer_mean + 1, end + 1))
+    if layers == "all":
+        return list(range(1, num_layers + 1))
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    if not wanted or any(isinstance(index, bool) or not isinstance(index, int) for index in wanted):
+        raise ValueError(f"encoder.layers={layers!r} is not an index, a list of indices or all")
+    for index in wanted:
+        if not -(num_layers + 1) <= index <= num_layers:
+            raise ValueError(
+                f"encoder.layers holds {index}, out of range for a model of {num_layers} layers; use indices between "
+                f"{-(num_layers + 1)} and {num_layers} (0 = embeddings, -1 = last)"
+            )
+    resolved = [index % (num_layers + 1) for index in wanted]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"encoder.layers={layers!r} names a layer twice (as {resolved}); list each layer once")
+    return resolved
 
 
 def pool_hidden(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
@@ -106,30 +196,45 @@ def pool_hidden(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
     return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
 
+def _kept_first(hidden: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's kept tokens moved to its front, in order: hidden [B, L, F] and the new mask [B, L]."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    return hidden.gather(1, order[..., None].expand_as(hidden)), keep.gather(1, order)
+
+
 def encode_tokens(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    features: Sequence[dict[str, list[int]]],
+    texts: TokenizedTexts,
     *,
     max_length: int,
-    hidden_index: int,
-    layer_mean: int = 1,
+    hidden_indices: Sequence[int],
+    layer_norm: bool = False,
+    combine: str = "mean",
     pooling: str,
     batch_size: int,
     device: torch.device | str = "cpu",
     grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """tokens [B, max_length, D] (zero at padding), mask [B, max_length] bool, pooled [B, D], float32, from
-    `tokenize`'s features.
+    """tokens [B, max_length, F] (zero at padding), mask [B, max_length] bool, pooled [B, F], float32, from
+    `tokenize`'s texts.
 
-    The hidden state is the mean of the `layer_mean` consecutive entries of the model's `hidden_states`
-    ending at `hidden_index` (0 = embeddings). Without gradients (the embedding cache, sampling, the
-    exported pipeline) a batch holds captions of one token length only, so no caption is padded: a caption's embedding
-    is bit for bit its own whatever else is encoded with it (padding moved SmolLM2's deep layers by 5e-5 under
-    AVX2 kernels; at a fixed length the batch size changed no bit, measured on both kernel sets), and short
-    captions cost no more than their tokens. A training step (`grad` with autograd on) pads each batch to
-    its own longest caption, sorted by length, which is cheaper and equal to rounding.
+    The features are the model's `hidden_states` at `hidden_indices` (0 = embeddings), each normalised over its
+    features first with `layer_norm` (a LayerNorm without weights: layers differ in scale by orders of magnitude),
+    then averaged (`combine="mean"`, F = hidden size) or concatenated (`"concat"`, F = hidden size x layers).
+    Tokens that `texts.kept` drops are removed after the model has read them: the kept ones move to the front,
+    and the mask and pooled vector follow them.
+
+    Without gradients (the embedding cache, sampling, the exported pipeline) a batch holds captions of one token
+    length only, so no caption is padded: a caption's embedding is bit for bit its own whatever else is encoded with
+    it (padding moved SmolLM2's deep layers by 5e-5 under AVX2 kernels; at a fixed length the batch size changed no
+    bit, measured on both kernel sets), and short captions cost no more than their tokens. A training step (`grad`
+    with autograd on) pads each batch to its own longest caption, sorted by length, which is cheaper and equal to
+    rounding.
     """
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r} is unknown; use one of {', '.join(COMBINES)}")
+    features = texts.features
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     if grad and torch.is_grad_enabled():
         batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -144,10 +249,16 @@ def encode_tokens(
             rows = [features[i] for i in indices]
             batch = tokenizer.pad(rows, padding=True, return_tensors="pt").to(device)
             out = model(**batch, output_hidden_states=True)
-            read = out.hidden_states[hidden_index - layer_mean + 1 : hidden_index + 1]
-            # Averaged in float32, so a single layer (layer_mean=1) is exactly that layer's state.
-            hidden = torch.stack([state.float() for state in read]).mean(0)
+            # In float32, so a single layer is exactly that layer's state.
+            read = [out.hidden_states[index].float() for index in hidden_indices]
+            if layer_norm:
+                read = [F.layer_norm(state, state.shape[-1:]) for state in read]
+            hidden = torch.stack(read).mean(0) if combine == "mean" else torch.cat(read, dim=-1)
             mask = batch["attention_mask"].bool()
+            if texts.kept is not None:
+                length = mask.shape[1]
+                kept = torch.tensor([texts.kept[i] + [False] * (length - len(texts.kept[i])) for i in indices])
+                hidden, mask = _kept_first(hidden, mask & kept.to(mask.device))
             # `where`, not a product: padded positions of some attention kernels are NaN.
             hidden = torch.where(mask[..., None], hidden, 0.0)
             pad = max_length - mask.shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor
 
+from text2img.fusion.base import embed_timestep
 from text2img.fusion.perceiver import PerceiverResampler
 from text2img.types import Conditioning, TextEmbedding
 
@@ -43,7 +44,4 @@ class TimestepAwarePerceiver(PerceiverResampler):
         """`timestep`: [B] or a scalar, any dtype of the sampler's timesteps (int64 or float)."""
         if timestep is None:
             raise ValueError("TimestepAwarePerceiver needs the diffusion timestep; call it with the denoising step's")
-        steps = timestep.reshape(-1).expand(text.tokens.shape[0])
-        # The sinusoids are float32 whatever the timesteps' dtype; the MLP runs in the tokens' dtype.
-        time = self.time_embedding(self.time_proj(steps).to(text.tokens.dtype))
-        return self.resample(text, time)
+        return self.resample(text, embed_timestep(self.time_proj, self.time_embedding, timestep, text.tokens))

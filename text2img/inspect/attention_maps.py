@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from text2img.encoders.base import TextEncoder
 from text2img.encoders.hf import HFTextEncoder
-from text2img.encoders.text_model import tokenize
 from text2img.errors import ConfigError
 from text2img.fusion.token_projection import TokenProjection
 from text2img.generators.diffusion import DiffusionGenerator
@@ -160,13 +159,8 @@ def token_labels(encoder: TextEncoder, text: str, count: int) -> list[str]:
     is not a transformers model: there is no tokenizer to ask)."""
     if not isinstance(encoder, HFTextEncoder):
         return [f"token {i}" for i in range(count)]
-    encoder.load()  # the tokenizer comes with the model; a frozen encoder is unloaded again below
+    ids = encoder.token_ids(text)  # loads the model: the tokenizer comes with it; a frozen one is unloaded below
     assert encoder.tokenizer is not None
-    features, _ = tokenize(
-        encoder.tokenizer, [text], template=encoder.template, max_length=encoder.max_length,
-        chat_template=encoder.chat_template, system_prompt=encoder.system_prompt,
-    )
-    ids = features[0]["input_ids"]
     labels = [encoder.tokenizer.decode([i]) for i in ids]
     encoder.unload()
     if len(labels) != count:

@@ -24,7 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from text2img.data.splits import check_fractions
 from text2img.encoders.hf import MODES, POOLINGS, HFTextEncoder, pretrained_config
+from text2img.encoders.text_model import COMBINES, KEEP_TOKENS
 from text2img.errors import ConfigError
+from text2img.fusion.base import NORMS
 from text2img.generators.diffusion import OBJECTIVES
 from text2img.generators.flow import TIMESTEP_SAMPLING
 from text2img.utils.checkpoints import load_checkpoint
@@ -175,7 +177,8 @@ RULES: tuple[tuple[str, Requirement], ...] = (
     ("fusion.in_dim", SIZE),
     ("fusion.out_dim", SIZE),
     ("fusion.hidden_dim", SIZE | NULL),
-    ("fusion.norm", one_of("layer", "rms", "none")),
+    ("fusion.norm", one_of(*NORMS)),
+    ("fusion.timestep_conditioned", FLAG),
     ("fusion.pooling", one_of("mean", "last")),
     ("fusion.dropout", RATE),
     ("fusion.num_latents", SIZE),
@@ -188,6 +191,9 @@ RULES: tuple[tuple[str, Requirement], ...] = (
     ("encoder.hidden_size", SIZE),
     ("encoder.layer", ANY_INTEGER),
     ("encoder.layer_mean", SIZE),
+    ("encoder.layer_norm", FLAG | NULL),
+    ("encoder.combine", one_of(*COMBINES)),
+    ("encoder.keep_tokens", one_of(*KEEP_TOKENS)),
     ("encoder.max_length", SIZE),
     ("encoder.batch_size", SIZE),
     ("encoder.pooling", one_of(*POOLINGS)),

@@ -7,6 +7,8 @@
   (`hydra.job.chdir: false`), so the current directory is the launch folder in every job too.
 - `${hf_config:model,attribute,trust_remote_code,gguf_file}`: an attribute of a transformers model's text config
   (hub name or local folder), e.g. `encoder.hidden_size` of `encoder=hf`: the user names the model alone.
+- `${text_features:hidden_size,layers,combine}`: the width of an encoder's token features (`encoder.features`), which
+  the fusion head's `in_dim` follows: the hidden size, times the number of layers that `combine=concat` joins.
 - `${fused_optimizer:accelerator}`: the `fused` argument of the optimisers (conf/model/): true on a GPU, where torch's
   fused Adam/AdamW run as one kernel and drop a non-finite step on the device without a host sync
   (text2img.lightning.nonfinite); null (torch's default) on the CPU, whose figures it leaves as they were.
@@ -21,6 +23,7 @@ from typing import Any
 from omegaconf import Container, OmegaConf
 
 from text2img.utils.precision import weights_dtype
+from text2img.utils.text_features import text_features
 
 
 def launch_dir() -> str:
@@ -52,3 +55,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("launch_dir", launch_dir, replace=True)
     OmegaConf.register_new_resolver("hf_config", hf_config, replace=True)
     OmegaConf.register_new_resolver("fused_optimizer", fused_optimizer, replace=True)
+    OmegaConf.register_new_resolver("text_features", text_features, replace=True)
