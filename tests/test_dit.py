@@ -20,7 +20,8 @@ from text2img.conditioning import TextConditioner
 from text2img.encoders import TinyEncoder
 from text2img.errors import ConfigError
 from text2img.export import write_export
-from text2img.fusion import FusionHead, TimestepAwarePerceiver
+from text2img.fusion import DeepFusion, FusionHead, TimestepAwarePerceiver
+from text2img.fusion.deep import evenly_spaced
 from text2img.generators import DiffusionGenerator, build_fusion
 from text2img.generators.denoisers import DiTDenoiser, UNetDenoiser
 from text2img.lightning import Text2ImgModule
@@ -271,3 +272,79 @@ def test_a_crashed_dit_run_resumes_at_its_step_with_the_same_weights(tmp_path: P
     train(compose_train(run, run_overrides(imagefolder, "generator=dit", "ckpt_path=last")))
     assert losses(run) == losses(reference)
     assert_same_state(checkpoint(run), checkpoint(reference))
+
+
+# --- deep fusion ----------------------------------------------------------------------------------------------
+
+
+def test_blocks_spread_evenly_over_the_layers_read() -> None:
+    assert evenly_spaced(6, 6) == [0, 1, 2, 3, 4, 5]
+    assert evenly_spaced(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert evenly_spaced(3, 6) == [0, 0, 1, 1, 2, 2] and evenly_spaced(4, 1) == [3]
+    head = DeepFusion(3 * 16, 24, layer_width=16, blocks=2)
+    assert head.layers == 3 and head.block_layers == [0, 2]
+    with pytest.raises(ConfigError, match=r"fusion.block_layers=\[0, 3\] must give each of the 2 blocks one of the 3"):
+        DeepFusion(3 * 16, 24, layer_width=16, blocks=2, block_layers=[0, 3])
+    with pytest.raises(ConfigError, match="fusion.in_dim=40 is not a whole number of layers of fusion.layer_width=16"):
+        DeepFusion(40, 24, layer_width=16, blocks=2)
+
+
+def block_inputs(transformer: PixArtTransformer2DModel) -> tuple[list[torch.Tensor], list]:
+    """What each block's cross-attention reads, recorded by forward pre-hooks (and the hooks, to remove)."""
+    seen: list[torch.Tensor] = []
+    hooks = [
+        block.attn2.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+        )
+        for block in transformer.transformer_blocks
+    ]
+    return seen, hooks
+
+
+def test_each_block_cross_attends_to_its_own_layer() -> None:
+    generator = tiny_generator()
+    head = DeepFusion(3 * 16, 32, layer_width=16, blocks=2, block_layers=[2, 0])
+    captions = text(dim=3 * 16)
+    cond = head(captions)
+    assert cond.tokens.shape == (4, 6, 2 * 32)
+    transformer = generator.denoiser.transformer
+    seen, hooks = block_inputs(transformer)
+    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 50)
+    generator.denoiser(x, t, cond.tokens, cond.mask, None)
+    for hook in hooks:
+        hook.remove()
+    layers = captions.tokens.unflatten(-1, (3, 16))
+    for block, (layer, norm, projection) in enumerate(zip([2, 0], head.norms, head.projections)):
+        expected = projection(norm(layers[..., layer, :])) * captions.mask[..., None]
+        torch.testing.assert_close(seen[block], expected)
+        torch.testing.assert_close(seen[block], cond.tokens[..., block * 32 : (block + 1) * 32])
+
+
+def test_deep_fusion_with_one_shared_projection_is_the_plain_dit() -> None:
+    """Every block reading the same tokens through the per-block path gives the plain call's prediction."""
+    generator = tiny_generator()
+    tokens, mask = torch.randn(4, 6, 32), text().mask
+    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 50)
+    plain = generator.denoiser(x, t, tokens, mask, None)
+    torch.testing.assert_close(generator.denoiser(x, t, torch.cat([tokens, tokens], -1), mask, None), plain)
+    assert not torch.allclose(generator.denoiser(x, t, torch.cat([tokens, -tokens], -1), mask, None), plain)
+
+
+def test_a_deep_fusion_dit_trains_every_projection_and_exports_with_the_same_images(tmp_path: Path) -> None:
+    head = DeepFusion(2 * 64, 32, layer_width=64, blocks=2)
+    encoder = TinyEncoder(hidden_size=64, max_length=24, layers=[1, 2], combine="concat")
+    model = Text2ImgModule(head, tiny_generator(), TextConditioner(encoder, "unused"), optimizer=torch.optim.AdamW)
+    before = [p.detach().clone() for p in head.projections.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model.generator.training_loss(images, encoder.encode(PROMPTS), head).backward()
+    optimizer.step()
+    assert all(not torch.equal(p, old) for p, old in zip(head.projections.parameters(), before))
+    model.eval()
+    pipe = Text2ImgPipeline.from_folder(write_export(model, encoder, tmp_path / "model"))
+    assert torch.equal(pipe(PROMPTS, seed=SEEDS, output_type="pt"), model.generate(encoder.encode(PROMPTS), SEEDS))
+
+
+def test_deep_fusion_needs_a_dit_of_its_depth(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fusion=deep with generator=dit: the head routes LLM layers into 3 blocks but the"):
+        smoke_dit(tmp_path, "deep", "fusion.blocks=3")

@@ -258,8 +258,9 @@ def test_the_chat_template_tokens_are_dropped_too() -> None:
         ["encoder.layers=[0,2]", "encoder.combine=concat", "fusion=refiner", "fusion.norm=rms_scaled"],
         ["encoder.layers=all", "encoder.keep_tokens=first_and_caption", "encoder.template='an emoji of {caption}'",
          "fusion=refiner", "fusion.timestep_conditioned=true", "generator=dit"],
+        ["encoder.layers=[0,1,2]", "encoder.combine=concat", "fusion=deep", "generator=dit"],
     ],
-    ids=["concat-refiner", "all-caption-dit"],
+    ids=["concat-refiner", "all-caption-dit", "deep-fusion"],
 )
 def test_layer_and_token_choices_train_a_smoke_run(options: list[str], tmp_path: Path, imagefolder: Path) -> None:
     from conftest import compose_train, smoke_overrides

@@ -158,7 +158,9 @@ BACKENDS = {
     "vae-unconditional": ["generator.conditional=false"],
 }
 NO_FILM_LAYERS, NO_TIMESTEPS = "has no FiLM layers; use generator=gan or ", "a timestep-aware head needs a generator"
+NO_BLOCKS = "the generator has no blocks that read their own tokens; use generator=dit"
 BAD_PAIRS = {
+    **{("deep", backend): NO_BLOCKS for backend in BACKENDS if not backend.startswith("dit")},
     ("pooled_mlp", "diffusion"): "consumes ['tokens']; choose a fusion head that produces tokens",
     ("pooled_mlp", "diffusion-time_vector"): "consumes ['tokens', 'vector']; choose a fusion head that produces tokens",
     ("pooled_mlp", "ldm"): "consumes ['tokens']; choose a fusion head that produces tokens",
@@ -182,7 +184,7 @@ BAD_PAIRS = {
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize(
-    "fusion", ["token_projection", "pooled_mlp", "perceiver", "timestep_aware", "film", "refiner"]
+    "fusion", ["token_projection", "pooled_mlp", "perceiver", "timestep_aware", "film", "refiner", "deep"]
 )
 def test_compatibility_with_each_backend(fusion, backend, tmp_path, tiny_first_stage):
     """Every pairing that can work builds; every other one fails at build time in one line naming both."""

@@ -15,11 +15,13 @@ class FusionHead(nn.Module, ABC):
     """Maps a `TextEmbedding` [B, L, in_dim] to the `Conditioning` a generator consumes.
 
     `produces` names the conditioning fields it fills ("tokens", "vector"); `timestep_aware` heads
-    also take the diffusion timestep and are only valid with generators that have timesteps.
+    also take the diffusion timestep and are only valid with generators that have timesteps; `text_blocks` is the
+    number of generator blocks a deep-fusion head gives their own token sets (None: one set for all).
     """
 
     produces: frozenset[str]
     timestep_aware: bool = False
+    text_blocks: int | None = None
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()

@@ -24,7 +24,8 @@ class Generator(nn.Module, ABC):
     `film_channels` the channels of its FiLM layers, in order, when it takes per-layer FiLM parameters
     (`Conditioning.film`); `cond_dim` is the size the fusion head must produce; `has_timesteps` says whether a
     timestep-aware fusion head can be driven by it; `reconstructs` says whether it implements
-    `reconstruct` (autoencoders), which evaluation then scores with PSNR/SSIM.
+    `reconstruct` (autoencoders), which evaluation then scores with PSNR/SSIM; `text_blocks` the number of blocks
+    that can each cross-attend to their own token set (deep fusion: a diffusion transformer's depth), else None.
     """
 
     requires: frozenset[str]
@@ -32,6 +33,7 @@ class Generator(nn.Module, ABC):
     film_channels: tuple[int, ...] = ()
     has_timesteps: bool = False
     reconstructs: bool = False
+    text_blocks: int | None = None
 
     def __init__(self, image_size: int, cond_dim: int) -> None:
         super().__init__()

@@ -34,6 +34,8 @@ class Denoiser(nn.Module, ABC):
     """
 
     folder: ClassVar[str]
+    # blocks that can each read their own token set (deep fusion), None where the network has no such blocks
+    text_blocks: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,6 +132,7 @@ class DiTDenoiser(Denoiser):
             out_channels=channels, sample_size=size, patch_size=patch_size, cross_attention_dim=cond_dim,
         )
         self.vector_embedding = TimestepEmbedding(cond_dim, width) if time_vector else None
+        self.text_blocks = depth
 
     @property
     def network(self) -> PixArtTransformer2DModel:

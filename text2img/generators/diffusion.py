@@ -108,6 +108,7 @@ class DiffusionGenerator(Generator):
         self.sample_steps = sample_steps
         self.guidance_scale = guidance_scale
         self.loss_weighting = loss_weighting
+        self.text_blocks = self.denoiser.text_blocks
         self.snr_gamma = snr_gamma
         if self.flow is None:
             alphas = noise_scheduler.alphas_cumprod

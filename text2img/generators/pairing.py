@@ -48,5 +48,16 @@ def check_compatible(fusion: FusionHead, generator: Generator, fusion_name: str,
             f"{pair}: the head produces {sorted(fusion.produces)} but the generator consumes "
             f"{sorted(generator.requires)}; choose a fusion head that produces {' and '.join(sorted(missing))}"
         )
+    blocks = fusion.text_blocks
+    if blocks is not None and blocks != generator.text_blocks:
+        if not blocks or generator.text_blocks is None:
+            raise ConfigError(
+                f"{pair}: the head routes one LLM layer into each transformer block, but the generator has no blocks "
+                "that read their own tokens; use generator=dit"
+            )
+        raise ConfigError(
+            f"{pair}: the head routes LLM layers into {blocks} blocks but the transformer has {generator.text_blocks}; "
+            "leave fusion.blocks at its default ${generator.denoiser.depth}"
+        )
     if fusion.timestep_aware and not generator.has_timesteps:
         raise ConfigError(f"{pair}: a timestep-aware head needs a generator with timesteps; choose a diffusion generator")

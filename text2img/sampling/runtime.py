@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -159,16 +160,43 @@ def transformer_prediction(
 
     With `vector`, `vector_embedding(vector)` is added to the timestep embedding, before the adaLN-single
     modulation and the output layer read it, as a UNet's class embedding is: the transformer has no input for it,
-    so it is added to the output of its `AdaLayerNormSingle`'s embedding for the length of this call."""
-    if vector is None:
-        return transformer(x, encoder_hidden_states=tokens, timestep=t, encoder_attention_mask=mask).sample
-    added = vector_embedding(vector)
-    (adaln,) = [module for module in transformer.modules() if isinstance(module, AdaLayerNormSingle)]
-    hook = adaln.emb.register_forward_hook(lambda module, inputs, output: output + added.to(output.dtype))
+    so it is added to the output of its `AdaLayerNormSingle`'s embedding for the length of this call.
+
+    Deep fusion: tokens as wide as the blocks' cross-attention times their number are one token set per block,
+    side by side on the feature axis (`DeepFusion`); block i then reads slice i, swapped into its call for the
+    length of this one (the transformer's own forward runs unchanged)."""
+    hooks = []
+    width = transformer.config.cross_attention_dim
+    if tokens.shape[-1] != width:
+        blocks = transformer.transformer_blocks
+        if tokens.shape[-1] != width * len(blocks):
+            raise ValueError(
+                f"tokens of {tokens.shape[-1]} features fit neither the transformer's cross-attention ({width}) nor "
+                f"one set per block ({len(blocks)} x {width})"
+            )
+        per_block = tokens.split(width, dim=-1)
+        hooks += [
+            block.register_forward_pre_hook(partial(_own_tokens, own), with_kwargs=True)
+            for block, own in zip(blocks, per_block)
+        ]
+        tokens = per_block[0]
+    if vector is not None:
+        added = vector_embedding(vector)
+        (adaln,) = [module for module in transformer.modules() if isinstance(module, AdaLayerNormSingle)]
+        hooks.append(adaln.emb.register_forward_hook(lambda module, inputs, output: output + added.to(output.dtype)))
     try:
         return transformer(x, encoder_hidden_states=tokens, timestep=t, encoder_attention_mask=mask).sample
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+
+
+def _own_tokens(tokens: Tensor, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A transformer block's inputs with `tokens` as its encoder_hidden_states: a keyword in the plain call, the third
+    argument under gradient checkpointing."""
+    if "encoder_hidden_states" in kwargs:
+        return args, {**kwargs, "encoder_hidden_states": tokens}
+    return (*args[:2], tokens, *args[3:]), kwargs
 
 
 def _identity(x: Tensor) -> Tensor:
