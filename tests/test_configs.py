@@ -22,10 +22,11 @@ GROUPS = [
 ]
 # Options that need a value only the user can give.
 REQUIRED = {
-    "encoder=hf": ["encoder.model=some/model", "encoder.hidden_size=64"],
+    "encoder=hf": ["encoder.model=some/model", "encoder.hidden_size=64", "encoder.num_layers=2"],
     "model=gan": ["generator=gan"],  # the adversarial module trains only a GAN (generator=gan selects it)
     "fusion=film": ["generator=gan"],  # FiLM layers for its scales and shifts: the GAN's
     "fusion=pooled_mlp": ["generator=vae"],  # one vector, no tokens: the default UNet cross-attends to tokens
+    "fusion=deep": ["generator=dit", "encoder.layers=[-3,-2,-1]", "encoder.combine=concat"],  # layers into DiT blocks
     "peft=lora": ["encoder=tiny"],  # builds the model, which loads an encoder that trains
 }
 # Latent diffusion needs a first stage: a tiny local one here (training without one says how to get one).

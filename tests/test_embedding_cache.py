@@ -135,6 +135,14 @@ def test_a_list_of_layers_is_cached_once(tmp_path: Path) -> None:
     assert cache.stats.hits == len(set(CAPTIONS)) and cache.stats.misses == 0
 
 
+def test_unpadded_lookup_is_as_long_as_the_longest_shard_read(tmp_path: Path) -> None:
+    cache, encoder = EmbeddingCache(tmp_path), TinyEncoder(max_length=16)
+    padded = cache.lookup(encoder, ["ab", "abcd"])
+    short = cache.lookup(encoder, ["ab", "abcd"], padded=False)
+    assert padded.tokens.shape[1] == 16 and short.tokens.shape[1] == 5  # <bos> + 4 bytes
+    assert_same(short.padded_to(16), padded)
+
+
 def test_storage_layout(tmp_path: Path) -> None:
     encoder = TinyEncoder(max_length=16)
     EmbeddingCache(tmp_path).lookup(encoder, ["ab", "abcd"])

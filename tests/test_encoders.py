@@ -208,7 +208,9 @@ def test_only_the_blocks_up_to_the_last_layer_read_are_loaded(minilm: MiniLMEnco
         ({"layers": [2, -1]}, "encoder.layers=[2, -1] names a layer twice (as [2, 2])"),
         ({"layers": "last"}, "encoder.layers='last' is not an index, a list of indices or all"),
         ({"layers": [1, 2], "layer": -2}, "encoder.layers=[1, 2] and encoder.layer=-2/layer_mean=1 both choose"),
-        ({"layers": "all", "combine": "concat"}, "encoder.combine=concat joins a list of layers"),
+        ({"layers": "all", "combine": "concat"}, "encoder.layers=all with encoder.combine=concat needs encoder.num"),
+        ({"layers": -1, "combine": "concat"}, "encoder.combine=concat joins several layers on the feature axis"),
+        ({"num_layers": 3}, "encoder.num_layers=3 but tiny-gpt2-64d-seed0 has 2 layers; set encoder.num_layers=2"),
         ({"combine": "sum"}, "encoder.combine='sum' is unknown; use one of mean, concat"),
         ({"keep_tokens": "prompt"}, "encoder.keep_tokens='prompt' is unknown; use one of all, caption"),
         ({"layers": [1, 2], "combine": "concat", "features": 64}, "encoder.features=64, but encoder.layers=[1, 2]"),
@@ -259,8 +261,9 @@ def test_the_chat_template_tokens_are_dropped_too() -> None:
         ["encoder.layers=all", "encoder.keep_tokens=first_and_caption", "encoder.template='an emoji of {caption}'",
          "fusion=refiner", "fusion.timestep_conditioned=true", "generator=dit"],
         ["encoder.layers=[0,1,2]", "encoder.combine=concat", "fusion=deep", "generator=dit"],
+        ["encoder.layers=all", "encoder.combine=concat", "fusion.layer_mix=softmax"],
     ],
-    ids=["concat-refiner", "all-caption-dit", "deep-fusion"],
+    ids=["concat-refiner", "all-caption-dit", "deep-fusion", "learned-average"],
 )
 def test_layer_and_token_choices_train_a_smoke_run(options: list[str], tmp_path: Path, imagefolder: Path) -> None:
     from conftest import compose_train, smoke_overrides

@@ -144,6 +144,29 @@ def test_reconstruction_quality_is_per_image_psnr_and_ssim() -> None:
 
 
 
+def test_the_fixed_yardstick_reads_its_own_text_model_and_matches_the_run_s_on_the_same_one(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    fixed = [
+        "metrics=[alignment,alignment_fixed]", "metrics.alignment_fixed.text_encoder._target_=text2img.encoders.TinyEncoder",
+        "+metrics.alignment_fixed.text_encoder.max_length=64", "metrics.alignment_fixed.k=4",
+        "metrics.alignment_fixed.config={_target_:text2img.networks.LiTConfig,steps:40,batch_size:16}",
+    ]
+    lit = [f"metrics.alignment.{key}" for key in ("config.steps=40", "config.batch_size=16", "k=4")]
+    # The run's own encoder (the tiny one, seed 0) as the fixed text model: the same evaluator and figures.
+    same = run_evaluate(tmp_path / "same", checkpoint, "n_samples=12", *lit, *fixed)["metrics"]
+    for name in ("clip_score_lit", "r_precision"):
+        for kind in ("", "_real", "_shuffled"):
+            assert same[f"{name}_fixed{kind}"] == pytest.approx(same[f"{name}{kind}"])
+    # Another text model: its own evaluator, other figures.
+    other = run_evaluate(
+        tmp_path / "other", checkpoint, "n_samples=12", *lit, *fixed, "+metrics.alignment_fixed.text_encoder.seed=1"
+    )["metrics"]
+    assert other["clip_score_lit_real"] == same["clip_score_lit_real"]
+    assert other["clip_score_lit_fixed_real"] != pytest.approx(same["clip_score_lit_fixed_real"])
+    assert len(list((tmp_path / "other" / "cache" / "eval" / "lit").glob("*/weights.safetensors"))) == 2
+
+
 def test_alignment_reports_generated_real_and_shuffled_figures_and_caches_the_evaluator(
     checkpoint: Path, tmp_path: Path
 ) -> None:

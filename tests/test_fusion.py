@@ -2,6 +2,7 @@
 they can drive."""
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -463,3 +464,61 @@ def test_rms_scaled_starts_at_a_hundredth_of_the_rms_norm_and_learns_its_scale()
     head = TokenProjection(TEXT_DIM, COND_DIM, norm="rms_scaled")
     head(text()).tokens.square().sum().backward()
     assert head.norm.scale.grad is not None and head.norm.scale.grad.abs() > 0
+
+
+# --- a learned average of the layers --------------------------------------------------------------------------
+
+
+def three_layers(batch: int = 3) -> TextEmbedding:
+    """Text whose features are three layers of TEXT_DIM side by side (encoder.combine=concat)."""
+    captions = text(batch, dim=3 * TEXT_DIM)
+    return captions
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        partial(TokenProjection), partial(TokenRefiner, heads=4), partial(PerceiverResampler, num_latents=5, heads=4),
+        partial(PooledMLP, pooling="mean"),
+    ],
+    ids=["token_projection", "refiner", "perceiver", "pooled_mlp"],
+)
+def test_layer_mix_starts_as_the_plain_average_of_the_layers_and_learns_its_weights(head):
+    torch.manual_seed(0)
+    mixed = head(3 * TEXT_DIM, COND_DIM, layer_mix="softmax", layer_width=TEXT_DIM)
+    plain = head(TEXT_DIM, COND_DIM)
+    assert mixed.text_dim == TEXT_DIM
+    own = {name: value for name, value in mixed.state_dict().items() if not name.startswith("layer_mix.")}
+    plain.load_state_dict(own)
+    captions = three_layers()
+    layers = captions.tokens.unflatten(-1, (3, TEXT_DIM))
+    average = TextEmbedding(layers.mean(-2), captions.mask, captions.pooled.unflatten(-1, (3, TEXT_DIM)).mean(-2))
+    out, expected = mixed(captions), plain(average)
+    field = "vector" if out.tokens is None else "tokens"
+    torch.testing.assert_close(getattr(out, field), getattr(expected, field))
+    # a step moves the weights, which stay a softmax
+    getattr(mixed(captions), field).square().sum().backward()
+    torch.optim.SGD(mixed.layer_mix.parameters(), lr=1.0).step()
+    weights = mixed.layer_mix.weights()
+    assert not torch.allclose(weights, torch.full((3,), 1 / 3)) and float(weights.sum()) == pytest.approx(1.0)
+
+
+def test_layer_mix_needs_several_layers_side_by_side():
+    with pytest.raises(ConfigError, match="fusion.layer_mix=softmax averages several layers, but the text has 24"):
+        TokenProjection(TEXT_DIM, COND_DIM, layer_mix="softmax", layer_width=TEXT_DIM)
+    with pytest.raises(ConfigError, match="fusion.layer_mix='max' is unknown; use one of: none, softmax"):
+        TokenProjection(TEXT_DIM, COND_DIM, layer_mix="max")
+
+
+def test_a_mixed_head_on_concatenated_layers_starts_as_the_head_on_their_mean():
+    """encoder.combine=concat + fusion.layer_mix=softmax starts where encoder.combine=mean is: the two paths agree."""
+    from text2img.encoders import TinyEncoder
+
+    captions = ["a red circle", "two blue squares at the top", ""]
+    joined = TinyEncoder(layers="all", combine="concat", num_layers=2).encode(captions)
+    averaged = TinyEncoder(layers="all").encode(captions)
+    torch.manual_seed(0)
+    mixed = TokenProjection(2 * 64, COND_DIM, layer_mix="softmax", layer_width=64)
+    plain = TokenProjection(64, COND_DIM)
+    plain.load_state_dict({k: v for k, v in mixed.state_dict().items() if not k.startswith("layer_mix.")})
+    torch.testing.assert_close(mixed(joined).tokens, plain(averaged).tokens)

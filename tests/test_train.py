@@ -90,8 +90,8 @@ def test_unknown_option_names_the_choices(entry_point):
 
 def test_unknown_option_in_a_sweep_or_list_is_found():
     assert unknown_choice(["-m", "fusion=token_projection,perceivr"]) == (
-        "text2img: error: unknown fusion 'perceivr'; choose one of: film, perceiver, pooled_mlp, refiner, timestep_aware, "
-        "token_projection"
+        "text2img: error: unknown fusion 'perceivr'; choose one of: deep, film, perceiver, pooled_mlp, refiner, "
+        "timestep_aware, token_projection"
     )
     assert "unknown metrics 'fidd'" in unknown_choice(["metrics=[image,fidd]"])
     assert unknown_choice(["encoder=minilm", "trainer.max_steps=5", "+experiment=openmoji_gpu", "debug=null"]) is None

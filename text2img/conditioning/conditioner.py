@@ -258,7 +258,8 @@ class TextConditioner(nn.Module):
         """Read the prepared cache into the table the steps read (a frozen encoder only); never loads a model."""
         texts = self._all_texts(captions)
         if not self.trainable and self.table is None:
-            self.table = TextTable(self.cache.lookup(self.text_encoder, texts), {t: i for i, t in enumerate(texts)})
+            embedding = self.cache.lookup(self.text_encoder, texts, padded=False)
+            self.table = TextTable(embedding, {t: i for i, t in enumerate(texts)})
 
     # ----- the steps ---------------------------------------------------------------------------------------------
 

@@ -65,9 +65,11 @@ class EmbeddingCache:
         self.root = Path(root).expanduser()
         self.stats = CacheStats()
 
-    def lookup(self, encoder: TextEncoder, captions: Sequence[str]) -> TextEmbedding:
-        """Embeddings of `captions` in order; only captions never seen with this encoder are encoded, and
-        the encoder is not loaded at all when there are none."""
+    def lookup(self, encoder: TextEncoder, captions: Sequence[str], padded: bool = True) -> TextEmbedding:
+        """Embeddings of `captions` in order, zero-padded to the encoder's `max_length` (`padded`) or only as long as
+        the longest stored shard they come from (a run's whole table: with several layers side by side, a token is
+        tens of thousands of features); only captions never seen with this encoder are encoded, and the encoder is
+        not loaded at all when there are none."""
         if encoder.trainable:
             raise ValueError(
                 f"{type(encoder).__name__} is trainable, so its embeddings change during training and cannot be "
@@ -89,7 +91,7 @@ class EmbeddingCache:
                     index.update({caption: (shard, row) for row, caption in enumerate(missing)})
         self.stats = CacheStats(hits=len(unique) - len(missing), misses=len(missing))
         log.info("Embedding cache %s: %d hits, %d misses", key, self.stats.hits, self.stats.misses)
-        return self._gather(index, captions, encoder.max_length, encoder.features)
+        return self._gather(index, captions, encoder.max_length if padded else None, encoder.features)
 
     @staticmethod
     def _encode(encoder: TextEncoder, captions: list[str]) -> TextEmbedding:
@@ -141,17 +143,24 @@ class EmbeddingCache:
 
     @staticmethod
     def _gather(
-        index: dict[str, tuple[Path, int]], captions: Sequence[str], max_length: int, features: int
+        index: dict[str, tuple[Path, int]], captions: Sequence[str], length: int | None, features: int
     ) -> TextEmbedding:
-        tokens = torch.zeros(len(captions), max_length, features)
-        mask = torch.zeros(len(captions), max_length, dtype=torch.bool)
-        pooled = torch.zeros(len(captions), features)
+        """The captions' rows, `length` token columns (None: the longest of the shards read)."""
         by_shard: dict[Path, tuple[list[int], list[int]]] = {}
         for position, caption in enumerate(captions):
             shard, row = index[caption]
             positions, rows = by_shard.setdefault(shard, ([], []))
             positions.append(position)
             rows.append(row)
+        if length is None:
+            shapes = []
+            for shard in by_shard:
+                with safe_open(shard, framework="pt") as reader:
+                    shapes.append(reader.get_slice("tokens").get_shape()[1])
+            length = max(shapes, default=1)
+        tokens = torch.zeros(len(captions), length, features)
+        mask = torch.zeros(len(captions), length, dtype=torch.bool)
+        pooled = torch.zeros(len(captions), features)
         for shard, (positions, rows) in by_shard.items():
             stored = load_file(shard)
             length = stored["tokens"].shape[1]

@@ -114,6 +114,7 @@ class HFTextEncoder(TextEncoder):
         combine: str = "mean",
         keep_tokens: str = "all",
         features: int | None = None,
+        num_layers: int | None = None,
         max_length: int = 32,
         pooling: str = "last",
         template: str = "{caption}",
@@ -147,14 +148,19 @@ class HFTextEncoder(TextEncoder):
             )
         if combine not in COMBINES:
             raise ConfigError(f"encoder.combine={combine!r} is unknown; use one of {', '.join(COMBINES)}")
-        if combine == "concat" and not isinstance(layers, list):
+        if combine == "concat" and not isinstance(layers, list) and layers != "all":
             raise ConfigError(
-                f"encoder.combine=concat joins a list of layers on the feature axis, but encoder.layers={layers}; "
-                "give a list, e.g. encoder.layers=[10,20,30]"
+                f"encoder.combine=concat joins several layers on the feature axis, but encoder.layers={layers}; "
+                "give a list (e.g. encoder.layers=[10,20,30]) or all"
+            )
+        if combine == "concat" and layers == "all" and num_layers is None:
+            raise ConfigError(
+                "encoder.layers=all with encoder.combine=concat needs encoder.num_layers, the model's layer count, to "
+                "size the features; set it"
             )
         if keep_tokens not in KEEP_TOKENS:
             raise ConfigError(f"encoder.keep_tokens={keep_tokens!r} is unknown; use one of {', '.join(KEEP_TOKENS)}")
-        width = text_features(hidden_size, layers, combine)
+        width = text_features(hidden_size, layers, combine, num_layers)
         if features is not None and features != width:
             raise ConfigError(
                 f"encoder.features={features}, but encoder.layers={layers} with combine={combine} gives {width} "
@@ -189,6 +195,7 @@ class HFTextEncoder(TextEncoder):
         self.combine = combine
         self.keep_tokens = keep_tokens
         self.features = width
+        self.num_layers = num_layers
         self.max_length = max_length
         self.pooling = pooling
         self.template = template
@@ -326,6 +333,10 @@ class HFTextEncoder(TextEncoder):
                 f"set encoder.hidden_size={actual}"
             )
         layers = config.num_hidden_layers
+        if self.num_layers is not None and self.num_layers != layers:
+            raise ValueError(
+                f"encoder.num_layers={self.num_layers} but {self.model_id} has {layers} layers; set encoder.num_layers={layers}"
+            )
         if not -(layers + 1) <= self.layer <= layers:
             raise ValueError(
                 f"encoder.layer={self.layer} is out of range for {self.model_id}, which has {layers} layers; "

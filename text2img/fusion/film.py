@@ -31,9 +31,11 @@ class FiLMHead(PooledMLP):
         hidden_dim: int | None = None,
         norm: str = "layer",
         dropout: float = 0.0,
+        layer_mix: str = "none",
+        layer_width: int | None = None,
     ) -> None:
         """`out_dim` is the trunk's width; the other settings are `PooledMLP`'s."""
-        super().__init__(in_dim, out_dim, pooling, hidden_dim, norm, dropout)
+        super().__init__(in_dim, out_dim, pooling, hidden_dim, norm, dropout, layer_mix, layer_width)
         if not film_channels:
             raise ConfigError(
                 "fusion.film_channels is not set; build the head with text2img.generators.build_fusion, which takes "

@@ -106,16 +106,18 @@ class PerceiverResampler(FusionHead):
         heads: int = 8,
         mlp_ratio: int = 4,
         norm: str = "layer",
+        layer_mix: str = "none",
+        layer_width: int | None = None,
         *,
         time_dim: int | None = None,
     ) -> None:
-        super().__init__(in_dim, out_dim)
+        super().__init__(in_dim, out_dim, layer_mix, layer_width)
         if out_dim % heads:
             raise ConfigError(
                 f"fusion.heads={heads} does not divide fusion.out_dim={out_dim}; choose heads that divide it"
             )
-        self.norm = feature_norm(norm, in_dim)
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.norm = feature_norm(norm, self.text_dim)
+        self.proj = nn.Linear(self.text_dim, out_dim)
         # Small start, like the token embeddings of a transformer: the first blocks see near-uniform queries.
         self.latents = nn.Parameter(torch.randn(num_latents, out_dim) * 0.02)
         self.blocks = nn.ModuleList(PerceiverBlock(out_dim, heads, mlp_ratio, time_dim) for _ in range(depth))

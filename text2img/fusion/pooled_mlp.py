@@ -29,17 +29,19 @@ class PooledMLP(FusionHead):
         hidden_dim: int | None = None,
         norm: str = "layer",
         dropout: float = 0.0,
+        layer_mix: str = "none",
+        layer_width: int | None = None,
     ) -> None:
         """`hidden_dim` is the MLP's hidden width (None: out_dim)."""
-        super().__init__(in_dim, out_dim)
+        super().__init__(in_dim, out_dim, layer_mix, layer_width)
         if pooling not in POOLINGS:
             raise ConfigError(f"fusion.pooling={pooling!r} is unknown; use one of: {', '.join(POOLINGS)}")
         # Created only when used, so every parameter of the head is trained.
-        self.token_norm = feature_norm(norm, in_dim) if pooling == "mean" else None
-        self.norm = feature_norm(norm, in_dim)
+        self.token_norm = feature_norm(norm, self.text_dim) if pooling == "mean" else None
+        self.norm = feature_norm(norm, self.text_dim)
         hidden_dim = out_dim if hidden_dim is None else hidden_dim
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
+            nn.Linear(self.text_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
         )
 
     def forward(self, text: TextEmbedding, timestep: Tensor | None = None) -> Conditioning:

@@ -62,13 +62,15 @@ class TokenRefiner(FusionHead):
         norm: str = "layer",
         timestep_conditioned: bool = False,
         time_channels: int = 128,
+        layer_mix: str = "none",
+        layer_width: int | None = None,
     ) -> None:
-        super().__init__(in_dim, out_dim)
+        super().__init__(in_dim, out_dim, layer_mix, layer_width)
         if out_dim % heads:
             raise ConfigError(f"fusion.heads={heads} does not divide fusion.out_dim={out_dim}; choose heads that divide it")
         self.timestep_aware = timestep_conditioned
-        self.norm = feature_norm(norm, in_dim)
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.norm = feature_norm(norm, self.text_dim)
+        self.proj = nn.Linear(self.text_dim, out_dim)
         time_dim = out_dim if timestep_conditioned else None
         self.blocks = nn.ModuleList(RefinerBlock(out_dim, heads, mlp_ratio, time_dim) for _ in range(depth))
         if timestep_conditioned:

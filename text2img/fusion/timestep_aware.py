@@ -32,10 +32,14 @@ class TimestepAwarePerceiver(PerceiverResampler):
         norm: str = "layer",
         time_channels: int = 128,
         time_dim: int | None = None,
+        layer_mix: str = "none",
+        layer_width: int | None = None,
     ) -> None:
         """`time_dim` is the timestep embedding's width (None: out_dim)."""
         time_dim = out_dim if time_dim is None else time_dim
-        super().__init__(in_dim, out_dim, num_latents, depth, heads, mlp_ratio, norm, time_dim=time_dim)
+        super().__init__(
+            in_dim, out_dim, num_latents, depth, heads, mlp_ratio, norm, layer_mix, layer_width, time_dim=time_dim
+        )
         # diffusers' own embedding of UNet2DConditionModel (flip_sin_to_cos, no frequency shift), as ELLA uses
         self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(time_channels, time_dim)

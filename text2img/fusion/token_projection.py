@@ -19,15 +19,22 @@ class TokenProjection(FusionHead):
     produces = frozenset({"tokens", "vector"})
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int | None = None, norm: str = "layer", dropout: float = 0.0
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int | None = None,
+        norm: str = "layer",
+        dropout: float = 0.0,
+        layer_mix: str = "none",
+        layer_width: int | None = None,
     ) -> None:
-        super().__init__(in_dim, out_dim)
-        self.norm = feature_norm(norm, in_dim)
+        super().__init__(in_dim, out_dim, layer_mix, layer_width)
+        self.norm = feature_norm(norm, self.text_dim)
         if hidden_dim is None:
-            self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+            self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.text_dim, out_dim))
         else:
             self.proj = nn.Sequential(
-                nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
+                nn.Linear(self.text_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
             )
 
     def forward(self, text: TextEmbedding, timestep: Tensor | None = None) -> Conditioning:

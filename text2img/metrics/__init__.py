@@ -1,7 +1,7 @@
 """Evaluation: the metrics the `Evaluation` callback and `text2img.evaluate` run (their frozen networks live in
 `text2img.networks`)."""
 
-from text2img.metrics.alignment import LiTAlignment
+from text2img.metrics.alignment import FixedTextLiTAlignment, LiTAlignment
 from text2img.metrics.attributes import AttributeAccuracy, ShapesAttributeChecker
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.metrics.clip_score import CLIPScoreMetric, LocalCLIPScore
@@ -18,6 +18,7 @@ __all__ = [
     "EvalMetric",
     "ImageDistribution",
     "InceptionFeatures",
+    "FixedTextLiTAlignment",
     "LiTAlignment",
     "LocalCLIPScore",
     "SampleDiversity",

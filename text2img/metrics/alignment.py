@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from text2img.encoders.base import TextEncoder
 from text2img.metrics.base import EvalBatch, EvalContext, EvalMetric
 from text2img.networks.frozen import ImageFeatureExtractor
 from text2img.networks.lit import LiTConfig, LiTEvaluator, clip_score, load_or_train_lit, r_precision_hits, real_alignment
@@ -91,3 +93,46 @@ class LiTAlignment(EvalMetric):
         if self.ranks:
             figures["r_precision"] = (self.hits / self.count).float()
         return figures | {name: torch.tensor(value) for name, value in self.real.items()}
+
+
+class FixedTextLiTAlignment(LiTAlignment):
+    """`LiTAlignment` on a fixed text model (`text_encoder`, all-MiniLM-L6-v2 by default) instead of the run's
+    encoder, reading the raw captions: the evaluator then depends on the data alone (it is trained once per dataset
+    and cached), so its figures compare runs whose encoders, layers, templates or prompt expansions differ, where
+    the per-encoder `r_precision` compares heads and generators within one encoder only. Its figures carry
+    `_fixed` (`r_precision_fixed`, `r_precision_fixed_real`, ...), so both are logged side by side.
+    """
+
+    FIGURES = tuple(
+        f"{name}_fixed{kind}" for name in ("clip_score_lit", "r_precision") for kind in ("", "_real", "_shuffled")
+    )
+
+    def __init__(
+        self,
+        extractor: ImageFeatureExtractor,
+        text_encoder: TextEncoder,
+        k: int = 32,
+        config: LiTConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(extractor, k, config, seed)
+        if text_encoder.trainable:
+            raise ValueError("the fixed yardstick's text_encoder must be frozen (mode: frozen)")
+        self.text_encoder = text_encoder
+
+    def prepare(self, context: EvalContext) -> None:
+        prompt_text = context.embeddings.lookup(self.text_encoder, context.prompts)
+        super().prepare(replace(context, encoder=self.text_encoder, prompt_text=prompt_text))
+        self.text_encoder.unload()
+
+    def compute(self) -> dict[str, Tensor]:
+        figures = super().compute()
+        return {_fixed(name): value for name, value in figures.items()}
+
+
+def _fixed(name: str) -> str:
+    """clip_score_lit -> clip_score_lit_fixed, r_precision_real -> r_precision_fixed_real."""
+    for kind in ("_real", "_shuffled"):
+        if name.endswith(kind):
+            return f"{name[: -len(kind)]}_fixed{kind}"
+    return f"{name}_fixed"

@@ -26,7 +26,7 @@ from text2img.data.splits import check_fractions
 from text2img.encoders.hf import MODES, POOLINGS, HFTextEncoder, pretrained_config
 from text2img.encoders.text_model import COMBINES, KEEP_TOKENS
 from text2img.errors import ConfigError
-from text2img.fusion.base import NORMS
+from text2img.fusion.base import LAYER_MIXES, NORMS
 from text2img.generators.diffusion import OBJECTIVES
 from text2img.generators.flow import TIMESTEP_SAMPLING
 from text2img.utils.checkpoints import load_checkpoint
@@ -179,6 +179,7 @@ RULES: tuple[tuple[str, Requirement], ...] = (
     ("fusion.hidden_dim", SIZE | NULL),
     ("fusion.norm", one_of(*NORMS)),
     ("fusion.timestep_conditioned", FLAG),
+    ("fusion.layer_mix", one_of(*LAYER_MIXES)),
     ("fusion.pooling", one_of("mean", "last")),
     ("fusion.dropout", RATE),
     ("fusion.num_latents", SIZE),

@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def text_features(hidden_size: int, layers: Any, combine: str) -> int:
-    """`hidden_size`, times the number of layers when `combine=concat` joins a list of them on the feature axis."""
-    if combine == "concat" and layers is not None and not isinstance(layers, (int, str)):
-        return hidden_size * len(layers)
-    return hidden_size
+def text_features(hidden_size: int, layers: Any, combine: str, num_layers: int | None = None) -> int:
+    """`hidden_size`, times the number of layers read when `combine=concat` joins them on the feature axis (a list of
+    them, or `all`: the model's `num_layers` blocks)."""
+    if combine != "concat" or layers is None or isinstance(layers, int):
+        return hidden_size
+    if layers == "all":
+        if num_layers is None:
+            raise ValueError("encoder.layers=all with encoder.combine=concat needs encoder.num_layers, the model's layers")
+        return hidden_size * num_layers
+    return hidden_size * len(layers)
