@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from text2img.errors import ConfigError
 from text2img.types import Conditioning, TextEmbedding
 
-
 LAYER_MIXES = ("none", "softmax")
 
 
