@@ -16,6 +16,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from torch import Tensor, nn
 
 from text2img.errors import ConfigError
+from text2img.generators.pretrained import load_network
 from text2img.sampling import runtime
 
 __all__ = ["DiTDenoiser", "Denoiser", "UNetDenoiser"]
@@ -31,15 +32,42 @@ class Denoiser(nn.Module, ABC):
     `forward` gets it, else None). `folder` is the network's name in diffusers pipelines, the export's subfolder
     it is saved to (`network`, LoRA merged); `vector_embedding` the time vector's projection where it is not part
     of the network (the export saves it beside it).
+
+    `source` (and `subfolder`) load a pretrained network instead of building one (a diffusers folder or hub name,
+    e.g. a Stable Diffusion 1.5 pipeline's unet/): its own config then sets its architecture, and its sizes must
+    match the space (`pretrained_checks`). `freeze` keeps its weights fixed (LoRA, generator_peft=lora, may then
+    adapt them): only the fusion head trains, as in ELLA or LaVi-Bridge, and checkpoints leave the frozen weights
+    out (they reload from `source`).
     """
 
     folder: ClassVar[str]
     # blocks that can each read their own token set (deep fusion), None where the network has no such blocks
     text_blocks: int | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, source: str | None = None, subfolder: str | None = None, freeze: bool = False) -> None:
         super().__init__()
         self.vector_embedding: nn.Module | None = None
+        self.source = source
+        self.subfolder = subfolder
+        self.freeze = freeze
+
+    def pretrained_checks(self, in_channels: int, cross_attention_dim: int, channels: int, cond_dim: int) -> None:
+        """One line when a loaded network does not fit the diffusion space or the fusion head's width."""
+        where = f"generator.denoiser.source={self.source}" + (f" (subfolder {self.subfolder})" if self.subfolder else "")
+        if in_channels != channels:
+            raise ConfigError(
+                f"{where} takes {in_channels} input channels but the diffusion space has {channels}; use the first "
+                "stage it was trained with (generator.first_stage.source, subfolder=vae) and generator.patch_size=1"
+            )
+        if cross_attention_dim != cond_dim:
+            raise ConfigError(
+                f"{where} cross-attends to {cross_attention_dim} features but generator.cond_dim={cond_dim}; set "
+                f"generator.cond_dim={cross_attention_dim} (experiment=adapt_pretrained reads it from the folder)"
+            )
+
+    def _frozen(self) -> None:
+        if self.freeze:
+            self.network.requires_grad_(False)
 
     @property
     @abstractmethod
@@ -67,15 +95,28 @@ class UNetDenoiser(Denoiser):
         cond_dim: int,
         patch_size: int,
         time_vector: bool,
+        source: str | None = None,
+        subfolder: str | None = None,
+        freeze: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(source, subfolder, freeze)
         self.patch_size = patch_size
         folded = channels * patch_size**2
         class_embedding = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": cond_dim}
-        self.unet = unet(
-            sample_size=size // patch_size, in_channels=folded, out_channels=folded, cross_attention_dim=cond_dim,
-            **(class_embedding if time_vector else {}),
-        )
+        if source is None:
+            self.unet = unet(
+                sample_size=size // patch_size, in_channels=folded, out_channels=folded, cross_attention_dim=cond_dim,
+                **(class_embedding if time_vector else {}),
+            )
+        else:
+            self.unet = load_network(UNet2DConditionModel, source, subfolder)
+            self.pretrained_checks(self.unet.config.in_channels, self.unet.config.cross_attention_dim, folded, cond_dim)
+            if time_vector and self.unet.config.class_embed_type != "projection":
+                raise ConfigError(
+                    f"generator.time_vector=true adds the text vector through a projection class embedding, which "
+                    f"generator.denoiser.source={source} has none of; set generator.time_vector=false"
+                )
+        self._frozen()
         levels = len(self.unet.config.down_block_types)
         multiple = 2 ** (levels - 1) * patch_size
         if size % multiple:
@@ -119,8 +160,22 @@ class DiTDenoiser(Denoiser):
         cond_dim: int,
         patch_size: int,
         time_vector: bool,
+        source: str | None = None,
+        subfolder: str | None = None,
+        freeze: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(source, subfolder, freeze)
+        if source is not None:
+            self.transformer = load_network(getattr(transformer, "func", transformer), source, subfolder)
+            config = self.transformer.config
+            width = config.num_attention_heads * config.attention_head_dim
+            # PixArt-alpha's own projection maps its text encoder's features (T5: 4,096) to the blocks' width.
+            text_width = getattr(config, "caption_channels", None) or config.cross_attention_dim
+            self.pretrained_checks(config.in_channels, text_width, channels, cond_dim)
+            self.vector_embedding = TimestepEmbedding(cond_dim, width) if time_vector else None
+            self.text_blocks = config.num_layers
+            self._frozen()
+            return
         if width % heads:
             divisors = ", ".join(str(h) for h in range(1, width + 1) if width % h == 0)
             raise ConfigError(
@@ -133,6 +188,7 @@ class DiTDenoiser(Denoiser):
         )
         self.vector_embedding = TimestepEmbedding(cond_dim, width) if time_vector else None
         self.text_blocks = depth
+        self._frozen()
 
     @property
     def network(self) -> PixArtTransformer2DModel:

@@ -268,10 +268,21 @@ class Text2ImgModule(L.LightningModule):
         trained = {ENCODER_PREFIX + name for name, p in encoder.named_parameters() if p.requires_grad}
         return [key for key in self.state_dict() if key.startswith(ENCODER_PREFIX) and key not in trained]
 
+    def frozen_pretrained_keys(self) -> list[str]:
+        """State-dict entries that reload from their source when the model is built, so checkpoints leave them out:
+        the encoder's frozen base, and a pretrained denoiser's frozen weights (`generator.denoiser.source`)."""
+        keys = self.frozen_encoder_keys()
+        denoiser = getattr(self.generator, "denoiser", None)
+        if denoiser is not None and denoiser.source is not None:
+            prefix = "generator.denoiser."
+            trained = {prefix + name for name, p in denoiser.named_parameters() if p.requires_grad}
+            keys += [key for key in self.state_dict() if key.startswith(prefix) and key not in trained]
+        return keys
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["text2img_config"] = self.run_config
-        frozen = self.frozen_encoder_keys()
+        frozen = self.frozen_pretrained_keys()
         for state in ("state_dict", "current_model_state"):  # the EMA callback keeps the raw weights in the second
             for key in frozen:
                 checkpoint.get(state, {}).pop(key, None)
@@ -281,4 +292,4 @@ class Text2ImgModule(L.LightningModule):
         for state in ("state_dict", "current_model_state"):
             if state in checkpoint:
                 checkpoint[state] = upgrade_state_dict(checkpoint[state])
-                checkpoint[state].update({key: own[key] for key in self.frozen_encoder_keys()})
+                checkpoint[state].update({key: own[key] for key in self.frozen_pretrained_keys()})

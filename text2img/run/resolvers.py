@@ -9,6 +9,8 @@
   (hub name or local folder), e.g. `encoder.hidden_size` of `encoder=hf`: the user names the model alone.
 - `${text_features:hidden_size,layers,combine}`: the width of an encoder's token features (`encoder.features`), which
   the fusion head's `in_dim` follows: the hidden size, times the number of layers that `combine=concat` joins.
+- `${diffusers_config:source,subfolder,name}`: one entry of a diffusers model's or scheduler's config (a folder or hub
+  name), e.g. a pretrained UNet's cross_attention_dim, which generator.cond_dim then follows (adapt_pretrained).
 - `${fused_optimizer:accelerator}`: the `fused` argument of the optimisers (conf/model/): true on a GPU, where torch's
   fused Adam/AdamW run as one kernel and drop a non-finite step on the device without a host sync
   (text2img.lightning.nonfinite); null (torch's default) on the CPU, whose figures it leaves as they were.
@@ -50,9 +52,17 @@ def fused_optimizer(accelerator: str) -> bool | None:
     return None
 
 
+def diffusers_config(source: str, subfolder: str | None, name: str) -> Any:
+    # Imported here: diffusers is slow to import, and only configs that name a pretrained pipeline need it.
+    from text2img.generators.pretrained import config_value
+
+    return config_value(source, subfolder, name)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("weights_dtype", weights_dtype, replace=True)
     OmegaConf.register_new_resolver("launch_dir", launch_dir, replace=True)
     OmegaConf.register_new_resolver("hf_config", hf_config, replace=True)
     OmegaConf.register_new_resolver("fused_optimizer", fused_optimizer, replace=True)
     OmegaConf.register_new_resolver("text_features", text_features, replace=True)
+    OmegaConf.register_new_resolver("diffusers_config", diffusers_config, replace=True)

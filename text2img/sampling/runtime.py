@@ -167,7 +167,7 @@ def transformer_prediction(
     length of this one (the transformer's own forward runs unchanged)."""
     hooks = []
     width = transformer.config.cross_attention_dim
-    if tokens.shape[-1] != width:
+    if tokens.shape[-1] != width and getattr(transformer, "caption_projection", None) is None:
         blocks = transformer.transformer_blocks
         if tokens.shape[-1] != width * len(blocks):
             raise ValueError(
