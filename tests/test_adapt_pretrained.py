@@ -115,3 +115,14 @@ def test_a_head_width_that_differs_from_the_unet_s_is_one_line(pipeline: Path, d
         f"text2img: error: generator.denoiser.source={pipeline} (subfolder unet) cross-attends to 32 features but "
         "generator.cond_dim=64; set generator.cond_dim=32 (experiment=adapt_pretrained reads it from the folder)"
     )
+
+
+def test_a_hub_name_that_cannot_be_fetched_is_one_line() -> None:
+    from text2img.errors import ConfigError
+    from text2img.generators.pretrained import pretrained_config
+
+    with pytest.raises(ConfigError) as error:
+        pretrained_config("nobody/no-such-pipeline", "unet")  # no hub from the test machines, and no such repository
+    assert str(error.value).startswith(
+        "generator.denoiser.source: 'nobody/no-such-pipeline/unet' is no local folder and its config cannot be fetched"
+    )

@@ -42,7 +42,7 @@ def pretrained_config(source: str, subfolder: str | None = None, key: str | None
     for name in CONFIG_FILES:
         try:
             path = hf_hub_download(source, name, subfolder=subfolder)
-        except Exception:  # noqa: BLE001 - not found, offline, no such repository: all say the same to the user
+        except (OSError, ValueError):  # the hub's not-found, offline and bad-name errors: the next name, then one line
             continue
         return json.loads(Path(path).read_text())
     raise ConfigError(
