@@ -1,0 +1,103 @@
+"""The LLM study's results (experiments/llm_study/results/<benchmark>/<cell>-s<seed>.json, one file per finished
+job, written by `text2img.run.study_results.StudyResults`): a table of every cell against its baseline, with 95%
+intervals over seeds and Welch's tests, and a plot of the same."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from text2img.errors import ConfigError
+from text2img.inspect.seeds import difference, mean_interval
+
+# What each benchmark is read by, and which end of each figure is better.
+FIGURES = {
+    "shapes": ["attr_overall", "attr_colour", "attr_shape", "attr_size", "attr_count", "attr_position",
+               "r_precision_fixed", "fid_effnet"],
+    "openmoji": ["r_precision_fixed", "r_precision", "fid_effnet", "kid_effnet"],
+}
+LOWER_IS_BETTER = ("fid_effnet", "kid_effnet")
+
+
+def load_results(folder: str | Path) -> pd.DataFrame:
+    """One row per finished job of every benchmark under `folder`: benchmark, cell, seed, factor, baseline and
+    each test figure."""
+    root = Path(folder).expanduser()
+    files = sorted(root.glob("*/*-s*.json"))
+    if not files:
+        raise ConfigError(f"{root} holds no study results (<benchmark>/<cell>-s<seed>.json); run the study first")
+    rows = []
+    for path in files:
+        record = json.loads(path.read_text())
+        study = record.get("study", {})
+        rows.append({
+            "benchmark": path.parent.name, "cell": record["cell"], "seed": record["seed"],
+            "factor": study.get("factor", ""), "baseline": study.get("baseline", "default"), **record["figures"],
+        })
+    return pd.DataFrame(rows).sort_values(["benchmark", "factor", "cell", "seed"], ignore_index=True)
+
+
+def study_table(results: pd.DataFrame, benchmark: str, figures: Sequence[str] | None = None,
+                alpha: float = 0.05) -> pd.DataFrame:
+    """Per cell of `benchmark`: its seeds, each figure's mean and 95% interval ("mean ± half-width"), and the
+    difference from its baseline cell with Welch's p; a difference is marked * when it is significant after
+    Holm's correction over every (cell, figure) test of the table, so a table of many cells does not find
+    differences by chance."""
+    rows = results[results.benchmark == benchmark]
+    figures = [name for name in (figures or FIGURES.get(benchmark, [])) if name in rows]
+    tests: list[tuple[str, str, float]] = []
+    table: dict[str, dict[str, str]] = {}
+    by_cell = {cell: group for cell, group in rows.groupby("cell", sort=False)}
+    for cell, group in by_cell.items():
+        baseline = group.baseline.iloc[0]
+        entry = {"factor": group.factor.iloc[0], "seeds": str(len(group)), "vs": baseline if baseline != cell else ""}
+        for name in figures:
+            values = group[name].dropna().tolist()
+            entry[name] = mean_interval(values).format(".3f" if "fid" not in name else ".1f") if values else "—"
+            if baseline != cell and baseline in by_cell:
+                base = by_cell[baseline][name].dropna().tolist()
+                if values and base:
+                    change = difference(values, base)
+                    entry[f"{name} Δ"] = f"{change.delta:+.3g}"
+                    if change.p_value is not None:
+                        tests.append((cell, name, change.p_value))
+                        entry[f"{name} Δ"] += f" (p={change.p_value:.2g})"
+        table[cell] = entry
+    for cell, name in holm_significant(tests, alpha):
+        table[cell][f"{name} Δ"] += " *"
+    return pd.DataFrame.from_dict(table, orient="index").fillna("")
+
+
+def holm_significant(tests: Sequence[tuple[str, str, float]], alpha: float = 0.05) -> list[tuple[str, str]]:
+    """The (cell, figure) pairs whose p-values stay below `alpha` under Holm's step-down correction."""
+    significant = []
+    ordered = sorted(tests, key=lambda test: test[2])
+    for rank, (cell, name, p_value) in enumerate(ordered):
+        if p_value > alpha / (len(ordered) - rank):
+            break
+        significant.append((cell, name))
+    return significant
+
+
+def plot_study(results: pd.DataFrame, benchmark: str, figures: Sequence[str] | None = None):
+    """One panel per figure: each cell's mean with its 95% interval, cells grouped by factor (a matplotlib Figure)."""
+    import matplotlib.pyplot as plt
+
+    rows = results[results.benchmark == benchmark]
+    figures = [name for name in (figures or FIGURES.get(benchmark, [])) if name in rows]
+    cells = list(dict.fromkeys(rows.sort_values(["factor", "cell"]).cell))
+    fig, axes = plt.subplots(1, len(figures), figsize=(3.2 * len(figures), 0.35 * len(cells) + 1.2), squeeze=False)
+    for ax, name in zip(axes[0], figures):
+        intervals = [mean_interval(rows[rows.cell == cell][name].dropna().tolist()) for cell in cells]
+        means = [interval.mean for interval in intervals]
+        errors = [0 if interval.low is None else interval.mean - interval.low for interval in intervals]
+        ax.barh(range(len(cells)), means, xerr=errors, color="#7a9cc6", ecolor="black", capsize=2)
+        ax.set_yticks(range(len(cells)), cells if ax is axes[0][0] else [""] * len(cells))
+        ax.invert_yaxis()
+        ax.set_title(name + (" (lower is better)" if name in LOWER_IS_BETTER else ""), fontsize=9)
+    fig.suptitle(f"LLM study, {benchmark}: mean and 95% interval over seeds")
+    fig.tight_layout()
+    return fig
