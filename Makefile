@@ -25,7 +25,15 @@ SLOW ?=
 # pytest-xdist workers: one per core, at most 4 (each holds its own torch and models); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
-.PHONY: install train test bench gpu-check clean
+# The LLM study (experiments/llm_study): every cell x seed on the shapes benchmark, then the OpenMoji cells, each a
+# Hydra multirun on make train's preset; a re-run skips finished jobs, and each finished job's figures are committed
+# under experiments/llm_study/results/ as they come.
+STUDY_SEEDS ?= 0,1,2
+STUDY_CELLS ?= glob(*)
+STUDY_OPENMOJI_CELLS ?= default,all_layers,refiner
+STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) 'hydra.searchpath=[file://experiments/llm_study/conf]'
+
+.PHONY: install train test bench gpu-check llm-study clean
 
 install: $(STAMP)
 
@@ -44,6 +52,10 @@ train: $(STAMP)
 # runs) run with SLOW=1, as CI does: `make test SLOW=1`.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(if $(SLOW),,-m "not slow") -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+llm-study: $(STAMP)
+	TEXT2IMG_STUDY_COMMIT=true $(STUDY) +llm_study=shapes seed=$(STUDY_SEEDS) '+cell=$(STUDY_CELLS)' $(ARGS)
+	TEXT2IMG_STUDY_COMMIT=true $(STUDY) +llm_study=openmoji seed=$(STUDY_SEEDS) '+cell=$(STUDY_OPENMOJI_CELLS)' $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/train_throughput.py

@@ -126,3 +126,27 @@ def test_a_hub_name_that_cannot_be_fetched_is_one_line() -> None:
     assert str(error.value).startswith(
         "generator.denoiser.source: 'nobody/no-such-pipeline/unet' is no local folder and its config cannot be fetched"
     )
+
+
+def test_a_pretrained_dit_loads_frozen_with_its_own_sizes(tmp_path: Path) -> None:
+    """generator/denoiser=dit with subfolder=transformer: a PixArt-class folder; its depth, not the config's, is
+    what deep fusion would route into."""
+    from diffusers import PixArtTransformer2DModel
+
+    folder = write_tiny_pipeline(tmp_path / "pixart")
+    torch.manual_seed(0)
+    PixArtTransformer2DModel(
+        num_layers=3, num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, sample_size=8,
+        patch_size=2, cross_attention_dim=16, use_additional_conditions=False, norm_num_groups=4,
+    ).save_pretrained(folder / "transformer")
+    cfg = compose_train(tmp_path, [
+        "experiment=adapt_pretrained", f"pretrained={folder}", "generator/denoiser=dit",
+        "generator.denoiser.subfolder=transformer", "fusion=token_projection",
+    ])
+    assert cfg.generator.cond_dim == cfg.fusion.out_dim == 16
+    _, model = build_model(cfg)
+    denoiser = model.generator.denoiser
+    assert denoiser.text_blocks == 3 and not any(p.requires_grad for p in denoiser.transformer.parameters())
+    latents = torch.randn(2, 4, 8, 8)
+    tokens, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    assert denoiser(latents, torch.tensor([10, 500]), tokens, mask, None).shape == (2, 4, 8, 8)

@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 from test_notebooks import execute, kernel, outputs  # noqa: F401 (kernel: a fixture)
 
 from text2img.inspect.analysis import flatten
-from text2img.inspect.study import holm_significant, load_results, study_table
-from text2img.run.study_results import StudyResults
+from text2img.inspect.study import StudyResults, holm_significant, load_results, study_table
 
 STUDY = REPO_ROOT / "experiments" / "llm_study"
 SEARCH_PATH = f"hydra.searchpath=[file://{STUDY / 'conf'}]"
@@ -78,9 +77,9 @@ def test_a_result_is_committed_alone(tmp_path: Path) -> None:
     result.parent.mkdir()
     result.write_text("{}\n")
     StudyResults._commit(result, "llm_study: shapes default seed 0")
-    committed = subprocess.run([*git, "show", "--name-only", "--format=%s", "HEAD"], capture_output=True, text=True)
+    committed = subprocess.run([*git, "show", "--name-only", "--format=%s", "HEAD"], capture_output=True, text=True, check=False)
     assert committed.stdout.split() == ["llm_study:", "shapes", "default", "seed", "0", "results/default-s0.json"]
-    staged = subprocess.run([*git, "diff", "--cached", "--name-only"], capture_output=True, text=True).stdout.split()
+    staged = subprocess.run([*git, "diff", "--cached", "--name-only"], capture_output=True, text=True, check=False).stdout.split()
     assert staged == ["work.py"]
 
 
@@ -93,7 +92,7 @@ def test_a_small_study_runs_resumes_and_is_tabulated(tmp_path: Path, kernel: str
         "trainer.max_steps=6", "trainer.val_check_interval=3",  # the study's 1,000 steps come after debug=smoke's
         f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.callbacks.study_results.folder={results / 'shapes'}",
     ]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     files = sorted(path.name for path in (results / "shapes").glob("*.json"))
     assert files == ["default-s0.json", "default-s1.json", "refiner-s0.json", "refiner-s1.json"]
@@ -104,7 +103,7 @@ def test_a_small_study_runs_resumes_and_is_tabulated(tmp_path: Path, kernel: str
     assert [Path(folder).name for folder in order] == ["0", "2", "1", "3"]
     # a re-run trains nothing: each finished job is skipped
     checkpoints = {path: path.stat().st_mtime_ns for path in (tmp_path / "sweep").glob("*/checkpoints/last.ckpt")}
-    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in checkpoints} == checkpoints
     monkeypatch.setenv("TEXT2IMG_STUDY_RESULTS", str(results))
