@@ -29,7 +29,8 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n :
 # Hydra multirun on make train's preset; a re-run skips finished jobs, and each finished job's figures are committed
 # under experiments/llm_study/results/ as they come.
 STUDY_SEEDS ?= 0,1,2
-STUDY_CELLS ?= glob(*)
+# every cell of experiments/llm_study/conf/cell/ (Hydra's glob() does not see a search path's groups)
+STUDY_CELLS ?= default,tiny,minilm,penultimate,all_layers,concat3,dit,deep_fusion,perceiver,refiner,timestep_aware
 STUDY_OPENMOJI_CELLS ?= default,all_layers,refiner
 STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) 'hydra.searchpath=[file://experiments/llm_study/conf]'
 

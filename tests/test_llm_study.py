@@ -47,6 +47,12 @@ def test_each_cell_is_one_factor_away_from_its_baseline(cell: str, tmp_path: Pat
     assert config["data._target_"] == "text2img.lightning.Text2ImgDataModule" and "Shapes" in config["data.source._target_"]
 
 
+def test_make_llm_study_runs_every_cell() -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    (line,) = [line for line in makefile.splitlines() if line.startswith("STUDY_CELLS ?= ")]
+    assert sorted(line.removeprefix("STUDY_CELLS ?= ").split(",")) == CELLS
+
+
 def test_the_table_marks_only_differences_that_survive_holm(tmp_path: Path) -> None:
     for cell, values in {"default": [0.10, 0.20, 0.30], "better": [0.80, 0.85, 0.90], "noisy": [0.0, 0.5, 0.4]}.items():
         for seed, value in enumerate(values):
