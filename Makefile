@@ -31,7 +31,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n :
 STUDY_SEEDS ?= 0,1,2
 # every cell of experiments/llm_study/conf/cell/ (Hydra's glob() does not see a search path's groups)
 STUDY_CELLS ?= default,tiny,minilm,penultimate,all_layers,concat3,dit,deep_fusion,perceiver,refiner,timestep_aware
-STUDY_OPENMOJI_CELLS ?= default,all_layers,refiner
+STUDY_OPENMOJI_CELLS ?= default,concat3,minilm
 STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) 'hydra.searchpath=[file://experiments/llm_study/conf]'
 
 .PHONY: install train test bench gpu-check llm-study clean

@@ -275,6 +275,19 @@ def test_layer_and_token_choices_train_a_smoke_run(options: list[str], tmp_path:
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_caption_the_chat_template_rewrites_cannot_be_found_and_says_so() -> None:
+    class TrimmingChat(TinyEncoder):
+        def _load_pretrained(self):
+            tokenizer, model = super()._load_pretrained()
+            tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content | trim }}|{% endfor %}"
+            return tokenizer, model
+
+    encoder = TrimmingChat(max_length=64, chat_template=True, keep_tokens="caption")
+    assert encoder.encode(["red apple"]).mask.sum() == len("red apple")
+    with pytest.raises(ValueError, match="keep_tokens cannot find the caption 'red apple ' in the text the model reads"):
+        encoder.encode(["red apple "])
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}[{{ m.role }}]{{ m.content }}|{% endfor %}"
     "{% if add_generation_prompt %}[assistant]{% endif %}"

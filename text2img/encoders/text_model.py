@@ -90,7 +90,13 @@ class TokenizedTexts:
 def _caption_span(text: str, template: str, caption: str) -> tuple[int, int]:
     """Where the caption sits in `text`, the rendered prompt (template, then maybe the chat template around it)."""
     templated = template.replace("{caption}", caption)
-    start = text.rfind(templated) + template.index("{caption}")  # the user turn comes after any system turn
+    found = text.rfind(templated)  # the user turn comes after any system turn
+    if found < 0:
+        raise ValueError(
+            f"keep_tokens cannot find the caption {caption!r} in the text the model reads (the chat template changed "
+            "it, e.g. stripped its spaces); strip the captions or use keep_tokens=all"
+        )
+    start = found + template.index("{caption}")
     return start, start + len(caption)
 
 
