@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from text2img.conditioning import TextConditioner, upgrade_state_dict
 from text2img.errors import ConfigError
@@ -262,22 +262,21 @@ class Text2ImgModule(L.LightningModule):
 
     def frozen_encoder_keys(self) -> list[str]:
         """State-dict entries of the encoder's frozen base: reloaded from its source, never saved."""
-        encoder = self.conditioner.encoder
-        if encoder is None:
-            return []
-        trained = {ENCODER_PREFIX + name for name, p in encoder.named_parameters() if p.requires_grad}
-        return [key for key in self.state_dict() if key.startswith(ENCODER_PREFIX) and key not in trained]
+        return self._frozen_keys(ENCODER_PREFIX, self.conditioner.encoder)
 
     def frozen_pretrained_keys(self) -> list[str]:
         """State-dict entries that reload from their source when the model is built, so checkpoints leave them out:
         the encoder's frozen base, and a pretrained denoiser's frozen weights (`generator.denoiser.source`)."""
-        keys = self.frozen_encoder_keys()
         denoiser = getattr(self.generator, "denoiser", None)
-        if denoiser is not None and denoiser.source is not None:
-            prefix = "generator.denoiser."
-            trained = {prefix + name for name, p in denoiser.named_parameters() if p.requires_grad}
-            keys += [key for key in self.state_dict() if key.startswith(prefix) and key not in trained]
-        return keys
+        sourced = denoiser if denoiser is not None and denoiser.source is not None else None
+        return self.frozen_encoder_keys() + self._frozen_keys("generator.denoiser.", sourced)
+
+    def _frozen_keys(self, prefix: str, module: nn.Module | None) -> list[str]:
+        """The state-dict entries under `prefix` (where `module` sits) that are not trained parameters."""
+        if module is None:
+            return []
+        trained = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
+        return [key for key in self.state_dict() if key.startswith(prefix) and key not in trained]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
