@@ -183,7 +183,7 @@ class NoTimesteps(Generator):
     def training_loss(self, images, text, fusion, latents=None) -> Tensor:
         return torch.zeros(())
 
-    def sample(self, text, null_text, fusion, generators, guidance_scale=None, steps=None) -> Tensor:
+    def sample(self, text, null_text, fusion, generators, guidance_scale=None, steps=None, sampler=None) -> Tensor:
         return torch.zeros(len(text), 3, self.image_size, self.image_size)
 
 

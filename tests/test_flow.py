@@ -222,3 +222,19 @@ def test_the_diffusion_transformer_trains_and_samples_with_flow(tmp_path) -> Non
     assert torch.isfinite(loss) and head.proj[-1].weight.grad.abs().sum() > 0
     images = generator.sample(text(), null(), head, [torch.Generator().manual_seed(s) for s in range(4)], steps=2)
     assert images.shape == (4, 3, 16, 16) and isinstance(generator.make_sampler(), FlowMatchEulerDiscreteScheduler)
+
+
+@pytest.mark.parametrize("objective", ["flow", "epsilon"])
+def test_every_listed_sampler_samples_through_the_runtime(objective: str) -> None:
+    generator = flow_generator(objective=objective, flow=RectifiedFlow() if objective == "flow" else None)
+    head, seeds = TokenProjection(TEXT_DIM, COND_DIM), [torch.Generator().manual_seed(0) for _ in range(2)]
+    names = generator.sampler_names()
+    own = "FlowMatchEulerDiscreteScheduler" if objective == "flow" else "DPMSolverMultistepScheduler"
+    assert names[0] == own and len(names) == len(set(names))
+    assert ("FlowMatchHeunDiscreteScheduler" in names) == (objective == "flow") and len(names) >= 2
+    for name in names:
+        assert type(generator.make_sampler(name)).__name__ == name
+        images = generator.sample(text(2), null(2), head, seeds, steps=4, sampler=name)  # PNDM needs 4
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all(), name
+    with pytest.raises(ConfigError, match=f"^sampler=DDIM is not a sampler of this model's .* use one of {own}, "):
+        generator.make_sampler("DDIM")

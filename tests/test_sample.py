@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from conftest import compose_train, smoke_overrides, write_imagefolder
 from text2img.data.imagefolder import load_rgb_square
 from text2img.utils.grid import captioned_grid
-from text2img.sample import Sampled, image_name, image_seed, sample, slug
+from text2img.sample import Sampled, sample
+from text2img.sampling.images import SamplingOptions, image_name, image_seed, sample_command, slug
 from text2img.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,7 +34,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_sample(tmp_path: Path, checkpoint: Path, prompts: list[str], *overrides: str) -> Sampled:
-    args = [f"ckpt={checkpoint}", f"prompts={json.dumps(prompts)}", *overrides]
+    args = [f"ckpt={checkpoint}", f"prompts={json.dumps(prompts, ensure_ascii=False)}", *overrides]
     if not any(arg.startswith("out=") for arg in overrides):
         args.append(f"out={tmp_path / 'out'}")
     return sample(compose_train(tmp_path, args, "sample"))
@@ -81,6 +85,45 @@ def test_an_image_regenerated_alone_is_the_same(checkpoint: Path, tmp_path: Path
     assert pair.images[3].read_bytes() == mixed.images[1].read_bytes()  # seed 3: with seed 2 / beside seed 2
     for one, two in zip(together.images, pair.images, strict=True):
         assert one.read_bytes() == two.read_bytes()
+
+
+def test_each_png_holds_its_prompt_seed_and_the_command_that_regenerates_it(checkpoint: Path, tmp_path: Path) -> None:
+    prompts = ['a "red" square', "ein grüner Kreis"]
+    result = run_sample(tmp_path / "a", checkpoint, prompts, "n=2", "seed=5", "guidance=2", "steps=4",
+                        "sampler=EulerAncestralDiscreteScheduler")
+    with Image.open(result.images[3]) as image:
+        metadata = dict(image.text)
+    assert metadata["prompt"] == prompts[1] and metadata["seed"] == "8"
+    args = shlex.split(metadata["command"])
+    assert args[:3] == ["python", "-m", "text2img.sample"] and args[3] == f"ckpt={checkpoint.absolute()}"
+    assert args[4:] == [f'prompts=["{prompts[1]}"]', "n=1", "seed=8", "guidance=2", "steps=4",
+                        "sampler=EulerAncestralDiscreteScheduler"]
+    alone = sample(compose_train(tmp_path / "b", [*args[3:], f"out={tmp_path / 'b' / 'out'}"], "sample"))
+    assert np.array_equal(png(alone.images[0]), png(result.images[3]))
+    manifest = json.loads((result.folder / "samples.json").read_text())
+    assert manifest["sampler"] == "EulerAncestralDiscreteScheduler"
+    assert [entry["command"] for entry in manifest["images"]][3] == metadata["command"]
+
+
+def test_another_sampler_draws_from_the_same_noise(checkpoint: Path, tmp_path: Path) -> None:
+    own = run_sample(tmp_path / "a", checkpoint, ["a blue circle"], "steps=4")
+    named_own = run_sample(tmp_path / "b", checkpoint, ["a blue circle"], "steps=4",
+                           "sampler=DPMSolverMultistepScheduler")  # the generator's own
+    other = run_sample(tmp_path / "c", checkpoint, ["a blue circle"], "steps=4", "sampler=DDIMScheduler")
+    assert np.array_equal(png(own.images[0]), png(named_own.images[0]))
+    difference = np.abs(png(own.images[0]).astype(int) - png(other.images[0]).astype(int))
+    assert 0 < difference.mean() < 64  # another path from the same noise: changed, but no new picture
+
+
+@pytest.mark.parametrize(
+    "prompt", ["a red apple", 'say "hi", please', "back\\slash", "ends in \\", 'q\\"x', "é 🍎", "x=1, [y]",
+               "it's", "cost ${x}", "a \\${y}"],
+)
+def test_the_command_reads_back_as_the_prompt(prompt: str) -> None:
+    (override,) = [arg for arg in shlex.split(sample_command("m.ckpt", prompt, 3, SamplingOptions())) if
+                   arg.startswith("prompts=")]
+    parsed = OverridesParser.create().parse_override(override).value()
+    assert list(OmegaConf.create({"prompts": parsed}).prompts) == [prompt]
 
 
 def test_prompts_missing_from_the_cache_are_encoded_once(checkpoint: Path, tmp_path: Path) -> None:
@@ -166,6 +209,11 @@ BAD = {
     "empty prompt list": (["prompts=[]"], "prompts=[] gives no prompt; pass a list"),
     "blank prompt": (['prompts=["apple"," "]'], "prompts[1]=' ' is not a prompt; every prompt must be non-empty text"),
     "no such device": (["device=warp9"], "device='warp9' is not a device; use cpu, cuda or cuda:<index>"),
+    "no such sampler": (
+        ["sampler=WarpScheduler"],
+        "sampler=WarpScheduler is not a sampler of this model's DDPM noise schedule; use one of "
+        "DPMSolverMultistepScheduler, DDIMScheduler, DDPMScheduler, ",
+    ),
     "strength zero": (["init_image={image}", "strength=0"], "strength=0.0 is out of range; use 0 < strength <= 1"),
     "strength without image": (["strength=0.5"], "strength=0.5 needs init_image=PATH, the image to edit"),
     "mask without image": (["mask={mask}"], "mask={mask} needs init_image=PATH, the image to edit"),

@@ -5,14 +5,15 @@ Rebuilds the checkpoint's model from the run config stored inside it and writes,
 
 - `p<i>-<slug of prompt i>-seed<s>.png`, one per image. Image j of prompt i uses seed `s = seed + i*n + j`
   and depends on nothing else (not on the batch it was drawn in), so
-  `prompts='["<prompt i>"]' n=1 seed=<s>` regenerates it alone;
+  `prompts='["<prompt i>"]' n=1 seed=<s>` regenerates it alone (the PNG's metadata holds its prompt, seed and
+  that command);
 - `grid.png`, the images captioned with their prompt and seed, one row per prompt when n > 1;
-- `samples.json`, the settings and each file's prompt, the text the encoder read for it, and seed.
+- `samples.json`, the settings and each file's prompt, the text the encoder read for it, seed and command.
 
 Prompts missing from the run's embedding cache are encoded with the checkpoint's encoder (which is loaded
 only then) and added to the cache. When the run used prompt expansion for sampling (`prompt_expansion.sample`),
 each prompt is first rewritten by its expander (cached too); `samples.json` lists the text the encoder read.
-Diffusion backends also edit: `init_image=PATH` alone is image-to-image
+Diffusion backends take another sampler by name (`sampler=DPMSolverMultistepScheduler`) and also edit: `init_image=PATH` alone is image-to-image
 (SDEdit, `strength`), with `mask=PATH` inpainting (white = regenerate, black = keep). The image is
 centre-cropped to a square and resized to the model's resolution; the mask must have the image's size.
 """
@@ -21,27 +22,32 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from text2img.data.base import uint8_to_tensor
-from text2img.data.imagefolder import load_rgb_square
 from text2img.errors import ConfigError
-from text2img.lightning import Text2ImgModule
 from text2img.run.command_line import run_checked
 from text2img.run.compose import load_model, one_line_errors
-from text2img.run.config_checks import ANY_INTEGER, NULL, NUMBER, check_rules, integer
-from text2img.sampling.runtime import DEFAULT_STRENGTH, ImageEdit
-from text2img.types import TextEmbedding
+from text2img.run.config_checks import ANY_INTEGER, NULL, NUMBER, Requirement, check_rules, integer
+from text2img.sampling.images import (
+    EditFiles,
+    SamplingOptions,
+    edit_from_images,
+    generate_images,
+    image_name,
+    prompt_seeds,
+    sample_command,
+    save_png,
+    to_uint8,
+)
+from text2img.sampling.runtime import ImageEdit
 from text2img.utils.checkpoints import run_folder
 from text2img.utils.grid import captioned_grid
 from text2img.utils.paths import CONF_DIR
@@ -52,7 +58,7 @@ REQUIRED = {"ckpt": "outputs/train/runs/<run>/checkpoints/last.ckpt", "prompts":
 # The options' types (their ranges are checked where they are used, and by the generator)
 RULES = (
     ("n", ANY_INTEGER), ("seed", integer(0)), ("batch_size", ANY_INTEGER), ("guidance", NUMBER | NULL),
-    ("steps", ANY_INTEGER | NULL),
+    ("steps", ANY_INTEGER | NULL), ("sampler", Requirement(lambda value: isinstance(value, str), "a class name") | NULL),
 )
 
 
@@ -63,20 +69,6 @@ class Sampled:
     folder: Path
     images: list[Path]
     grid: Path
-
-
-def image_seed(seed: int, prompt_index: int, n: int, j: int) -> int:
-    """The seed of image j of prompt i."""
-    return seed + prompt_index * n + j
-
-
-def slug(prompt: str, max_length: int = 40) -> str:
-    """A file-name-safe short form of a prompt: "Red apple, shiny!" -> "red-apple-shiny"."""
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_length].rstrip("-") or "prompt"
-
-
-def image_name(prompt_index: int, prompt: str, seed: int) -> str:
-    return f"p{prompt_index:03d}-{slug(prompt)}-seed{seed}.png"
 
 
 def check_prompts(value: Any) -> list[str]:
@@ -121,44 +113,18 @@ def load_edit(cfg: DictConfig, image_size: int) -> ImageEdit | None:
     image = _open_image("init_image", cfg.init_image)
     if image.size != (image_size, image_size):
         log.info("init_image %dx%d is centre-cropped and resized to the model's %d px", *image.size, image_size)
-    pixels = uint8_to_tensor(load_rgb_square(Path(cfg.init_image).expanduser(), image_size))[None]
     mask = None
     if cfg.mask is not None:
-        mask_image = _open_image("mask", cfg.mask)
-        if mask_image.size != image.size:
+        mask = _open_image("mask", cfg.mask)
+        if mask.size != image.size:
             raise ConfigError(
-                f"mask='{cfg.mask}' is {mask_image.size[0]}x{mask_image.size[1]} but init_image='{cfg.init_image}' is "
+                f"mask='{cfg.mask}' is {mask.size[0]}x{mask.size[1]} but init_image='{cfg.init_image}' is "
                 f"{image.size[0]}x{image.size[1]}; give a mask of the image's size (white = regenerate, black = keep)"
             )
-        # The same crop as the image; nearest-neighbour keeps the mask's edge where it was drawn.
-        grey = ImageOps.fit(mask_image.convert("L"), (image_size, image_size), Image.Resampling.NEAREST)
-        mask = torch.from_numpy(np.asarray(grey) > 127).float()[None, None]
-        if not mask.any():
-            log.warning("mask='%s' is black everywhere: every pixel is kept and the output equals the input", cfg.mask)
-    strength = cfg.strength if cfg.strength is not None else DEFAULT_STRENGTH["img2img" if mask is None else "inpaint"]
-    return ImageEdit(images=pixels, strength=float(strength), mask=mask)
-
-
-def generate_all(
-    model: Text2ImgModule, text: TextEmbedding, seeds: list[int], cfg: DictConfig, edit: ImageEdit | None
-) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1] for N (text row, seed) pairs, `batch_size` at a time; every image is edited
-    from the same input when `edit` (a batch of one) is given."""
-    images = []
-    for start in range(0, len(seeds), cfg.batch_size):
-        batch = slice(start, start + cfg.batch_size)
-        count = len(seeds[batch])
-        batch_edit = None
-        if edit is not None:
-            mask = None if edit.mask is None else edit.mask.expand(count, -1, -1, -1)
-            batch_edit = replace(edit, images=edit.images.expand(count, -1, -1, -1), mask=mask)
-        images.append(
-            model.generate(
-                text[batch].to(model.device), seeds[batch], guidance_scale=cfg.guidance, steps=cfg.steps,
-                edit=batch_edit,
-            ).cpu()
-        )
-    return torch.cat(images)
+    edit = edit_from_images(image, mask, cfg.strength, image_size)
+    if edit.mask is not None and not edit.mask.any():
+        log.warning("mask='%s' is black everywhere: every pixel is kept and the output equals the input", cfg.mask)
+    return edit
 
 
 def output_folder(cfg: DictConfig, mode: str) -> Path:
@@ -190,34 +156,39 @@ def sample(cfg: DictConfig) -> Sampled:
         checkpoint, _, model = load_model(cfg.ckpt)
         edit = load_edit(cfg, model.generator.image_size)
         model.to(device).eval()
+        options = SamplingOptions(cfg.guidance, cfg.steps, cfg.sampler, cfg.batch_size)
         # Not trimmed to the longest prompt: an image does not depend on the lengths of its batch neighbours.
         encoded = model.conditioner.sampling(prompts)
         encoder_texts, text = encoded.texts, encoded.text
-        entries = [
-            (i, prompt, image_seed(cfg.seed, i, cfg.n, j)) for i, prompt in enumerate(prompts) for j in range(cfg.n)
-        ]
+        entries = prompt_seeds(prompts, cfg.n, cfg.seed)
         rows, seeds = torch.tensor([i for i, _, _ in entries]), [s for _, _, s in entries]
-        images = generate_all(model, text[rows], seeds, cfg, edit)
+        images = generate_images(model, text[rows], seeds, options, edit)
     mode = "txt2img" if edit is None else "img2img" if edit.mask is None else "inpaint"
     folder = output_folder(cfg, mode)
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    paths = []
-    for (i, prompt, s), image in zip(entries, pixels, strict=True):
+    checkpoint_path = Path(cfg.ckpt).expanduser().absolute()
+    edit_files = None
+    if edit is not None:
+        mask = None if cfg.mask is None else Path(cfg.mask).expanduser().absolute()
+        edit_files = EditFiles(Path(cfg.init_image).expanduser().absolute(), mask, edit.strength)
+    paths, commands = [], []
+    for (i, prompt, s), pixels in zip(entries, to_uint8(images), strict=True):
         paths.append(folder / image_name(i, prompt, s))
-        Image.fromarray(image).save(paths[-1])
+        commands.append(sample_command(checkpoint_path, prompt, s, options, edit_files))
+        save_png(paths[-1], pixels, {"prompt": prompt, "seed": str(s), "command": commands[-1]})
     grid = folder / "grid.png"
     captions = [f"{prompt} (seed {s})" for _, prompt, s in entries]
     captioned_grid(images, captions, ncols=cfg.n if cfg.n > 1 else 8).save(grid)
     manifest = {
-        "checkpoint": str(Path(cfg.ckpt).expanduser().absolute()),
+        "checkpoint": str(checkpoint_path),
         "step": checkpoint.get("global_step"),
         "guidance": cfg.guidance,  # null: the checkpoint generator's default
         "steps": cfg.steps,
+        "sampler": cfg.sampler,
         "edit": None if edit is None else {"init_image": cfg.init_image, "mask": cfg.mask, "strength": edit.strength},
         "images": [
-            {"file": path.name, "prompt": p, "encoder_text": encoder_texts[i], "seed": s}
-            for path, (i, p, s) in zip(paths, entries)
+            {"file": path.name, "prompt": p, "encoder_text": encoder_texts[i], "seed": s, "command": command}
+            for path, (i, p, s), command in zip(paths, entries, commands)
         ],
     }
     (folder / "samples.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -60,12 +60,16 @@ def open_image(path: Path | io.BytesIO, trusted: bool = True) -> Iterator[Image.
 def load_rgb_square(path: Path | io.BytesIO, size: int, trusted: bool = True) -> np.ndarray:
     """The image at `path` as [size, size, 3] uint8: upright, transparency on white, centre-cropped."""
     with open_image(path, trusted) as file:
-        image: Image.Image = ImageOps.exif_transpose(file)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        rgb = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
-    return np.asarray(rgb)
+        return square_rgb(file, size)
+
+
+def square_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """`image` as [size, size, 3] uint8: upright (EXIF), transparency on white, centre-cropped and resized."""
+    upright: Image.Image = ImageOps.exif_transpose(image)
+    if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+        rgba = upright.convert("RGBA")
+        upright = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return np.asarray(ImageOps.fit(upright.convert("RGB"), (size, size), Image.Resampling.LANCZOS))
 
 
 def _check_decodes(path: Path, size: int) -> None:

@@ -63,12 +63,18 @@ class Generator(nn.Module, ABC):
         generators: list[torch.Generator],
         guidance_scale: float | None = None,
         steps: int | None = None,
+        sampler: str | None = None,
     ) -> Tensor:
         """Images in [-1, 1], [B, 3, H, W], for the given text; `null_text` is the unconditional branch.
+        `guidance_scale`, `steps` and `sampler` (a class name of `sampler_names()`) default to the generator's own.
 
         `generators` holds one CPU generator per sample: all randomness of sample i comes from
         `generators[i]`, so an image does not depend on the batch it is generated in.
         """
+
+    def sampler_names(self) -> list[str]:
+        """The samplers `sample` takes by name, the generator's own first (none for one-pass generators)."""
+        return []
 
     def upgrade_state_dict(self, state: dict[str, Any], prefix: str = "") -> None:
         """Rename in place the keys under `prefix` that a checkpoint written by an older version uses (none here)."""
@@ -82,9 +88,11 @@ class Generator(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
 
 
-def check_one_pass_sampling(generator_name: str, guidance_scale: float | None, steps: int | None) -> None:
-    """Generators that draw an image in one pass (GAN, VAE) take neither guidance nor a step count; say so
-    instead of silently ignoring them (1, no guidance, is accepted)."""
+def check_one_pass_sampling(
+    generator_name: str, guidance_scale: float | None, steps: int | None, sampler: str | None
+) -> None:
+    """Generators that draw an image in one pass (GAN, VAE) take neither guidance, a step count nor a sampler; say
+    so instead of silently ignoring them (1, no guidance, is accepted)."""
     if guidance_scale not in (None, 1):
         raise ConfigError(
             f"guidance_scale={guidance_scale} does not apply to generator={generator_name} (one pass, no guidance); "
@@ -93,4 +101,8 @@ def check_one_pass_sampling(generator_name: str, guidance_scale: float | None, s
     if steps is not None:
         raise ConfigError(
             f"steps={steps} does not apply to generator={generator_name} (one pass, no sampling steps); leave it unset"
+        )
+    if sampler is not None:
+        raise ConfigError(
+            f"sampler={sampler} does not apply to generator={generator_name} (one pass, no sampler); leave it unset"
         )

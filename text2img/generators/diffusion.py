@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import diffusers
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from torch import Tensor, nn
@@ -24,6 +25,11 @@ __all__ = ["DiffusionGenerator", "ImageEdit"]
 
 # What the network learns to predict: DDPM noise (epsilon), its velocity (v_prediction), or rectified flow's velocity.
 OBJECTIVES = ("epsilon", "v_prediction", "flow")
+# The samplers a model can switch to at sampling time (`sampler_names`): diffusers' flow-matching ones for flow, and
+# for DDPM noise the schedulers diffusers lists as compatible with it, less EDM's (it has its own noise schedule,
+# not the model's) and the SDE solver (it needs torchsde).
+FLOW_SAMPLERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+UNLISTED_NOISE_SAMPLERS = ("EDMEulerScheduler", "DPMSolverSDEScheduler")
 
 
 class DiffusionGenerator(Generator):
@@ -156,9 +162,27 @@ class DiffusionGenerator(Generator):
             loss = loss * (clamped / (snr + 1) if self.objective == "v_prediction" else clamped / snr)
         return loss.mean()
 
-    def make_sampler(self) -> SchedulerMixin:
-        """A fresh sampler (they keep state between steps) on the training noise schedule."""
-        return self.sampler.from_config(self.noise_scheduler.config, **self.sampler_kwargs)
+    def sampler_names(self) -> list[str]:
+        own = self.sampler.__name__
+        if self.flow is not None:
+            others = list(FLOW_SAMPLERS)
+        else:
+            compatible = (cls.__name__ for cls in self.noise_scheduler.compatibles)
+            others = sorted(name for name in compatible if name not in UNLISTED_NOISE_SAMPLERS)
+        return [own, *(name for name in others if name != own)]
+
+    def make_sampler(self, name: str | None = None) -> SchedulerMixin:
+        """A fresh sampler (they keep state between steps) on the training noise schedule: the configured one
+        (with its `sampler_kwargs`), or the diffusers class `name` of `sampler_names()` at its defaults."""
+        if name is None or name == self.sampler.__name__:
+            return self.sampler.from_config(self.noise_scheduler.config, **self.sampler_kwargs)
+        names = self.sampler_names()
+        if name not in names:
+            schedule = "rectified flow" if self.flow is not None else "DDPM noise"
+            raise ConfigError(
+                f"sampler={name} is not a sampler of this model's {schedule} schedule; use one of {', '.join(names)}"
+            )
+        return getattr(diffusers, name).from_config(self.noise_scheduler.config)
 
     def check_edit(self, edit: ImageEdit, batch_size: int) -> None:
         """Fail clearly on an edit input that does not fit `batch_size` images of this generator."""
@@ -174,6 +198,7 @@ class DiffusionGenerator(Generator):
         guidance_scale: float | None = None,
         steps: int | None = None,
         edit: ImageEdit | None = None,
+        sampler: str | None = None,
     ) -> Tensor:
         """See `Generator.sample`; with `edit`, the images are edited instead of drawn from noise.
 
@@ -186,12 +211,13 @@ class DiffusionGenerator(Generator):
         )
         if edit is not None:
             self.check_edit(edit, len(text))
+        scheduler = self.make_sampler(sampler)
 
         def denoise(x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> Tensor:
             return self._denoise(x, t, TextEmbedding(tokens, mask, pooled), fusion)
 
         return runtime.sample(
-            denoise, self.make_sampler(), (text.tokens, text.mask, text.pooled),
+            denoise, scheduler, (text.tokens, text.mask, text.pooled),
             (null_text.tokens, null_text.mask, null_text.pooled), generators,
             (self.model_channels, self.model_size, self.model_size), guidance_scale, steps, edit=edit,
             to_model_space=self.to_model_space, from_model_space=self.from_model_space,

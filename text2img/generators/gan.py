@@ -278,7 +278,8 @@ class GANGenerator(Generator):
         generators: list[torch.Generator],
         guidance_scale: float | None = None,
         steps: int | None = None,
+        sampler: str | None = None,
     ) -> Tensor:
-        check_one_pass_sampling("gan", guidance_scale, steps)
+        check_one_pass_sampling("gan", guidance_scale, steps, sampler)
         noise = per_sample_noise((self.noise_dim,), generators, text.tokens.device)
         return self.fake(text, fusion, noise).float().clamp(-1, 1)

@@ -219,8 +219,9 @@ class VAEGenerator(Generator):
         generators: list[torch.Generator],
         guidance_scale: float | None = None,
         steps: int | None = None,
+        sampler: str | None = None,
     ) -> Tensor:
-        check_one_pass_sampling("vae", guidance_scale, steps)
+        check_one_pass_sampling("vae", guidance_scale, steps, sampler)
         z = per_sample_noise(self.latent_shape, generators, text.tokens.device)
         vector = self.text_vector(text, fusion)
         if vector is not None:

@@ -192,12 +192,14 @@ class Text2ImgModule(L.LightningModule):
         guidance_scale: float | None = None,
         steps: int | None = None,
         edit: ImageEdit | None = None,
+        sampler: str | None = None,
     ) -> Tensor:
         """Images in [0, 1] for the given text; image i depends only on its text, `seeds[i]` and its edit input,
         bit for bit: the text is padded to `text_length` and images are generated in chunks of the fixed size
         `text2img.sampling.runtime.GENERATION_CHUNK` (the exported pipeline does the same).
 
-        `edit` turns sampling into text-guided editing of given images (diffusion backends only).
+        `edit` turns sampling into text-guided editing of given images (diffusion backends only); `sampler` names
+        one of `generator.sampler_names()` (None: the generator's own).
         """
         if len(seeds) != len(text):
             raise ValueError(f"got {len(seeds)} seeds for {len(text)} prompts; give one seed per prompt")
@@ -210,7 +212,7 @@ class Text2ImgModule(L.LightningModule):
             self.generator.check_edit(edit, len(text))  # here, so a message gives the caller's shapes, not a chunk's
         if self.text_length is not None:
             text = text.padded_to(self.text_length)
-        sampling = {"guidance_scale": guidance_scale, "steps": steps}
+        sampling = {"guidance_scale": guidance_scale, "steps": steps, "sampler": sampler}
 
         def generate_chunk(rows: list[int]) -> Tensor:
             null = self.conditioner.unconditional(len(rows))

@@ -14,6 +14,7 @@ space diffusion runs in (pixels, a first stage's latents) its `to_model_space`/`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -265,6 +266,8 @@ def sample(
         if edit.mask is not None:
             # A model-space position is regenerated if any pixel it covers is (max-pooling the mask).
             keep = 1.0 - F.adaptive_max_pool2d(edit.mask.to(device, x.dtype), shape[-1])
+    # Stochastic samplers draw each row's step noise from its generator; deterministic ones may not take any.
+    step_noise = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         model_in = torch.cat([x, x]) if guided else x
         model_in = model_in if flow else scheduler.scale_model_input(model_in, t)
@@ -272,7 +275,7 @@ def sample(
         if guided:
             cond, uncond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)
-        x = scheduler.step(pred, t, x, generator=generators).prev_sample
+        x = scheduler.step(pred, t, x, **step_noise).prev_sample
         if keep is not None:
             last = i + 1 == len(timesteps)
             known_t = x0 if last else noised(scheduler, x0, noise, timesteps[i + 1 : i + 2].expand(len(x0)))
