@@ -34,7 +34,11 @@ STUDY_CELLS ?= default,tiny,minilm,penultimate,all_layers,concat3,dit,deep_fusio
 STUDY_OPENMOJI_CELLS ?= default,concat3,minilm
 STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) 'hydra.searchpath=[file://experiments/llm_study/conf]'
 
-.PHONY: install train test bench gpu-check llm-study clean
+# `make demo` opens this checkpoint (default: the newest `make train` run's) beside COMPARE=B[,C...]
+CKPT ?= $(lastword $(sort $(wildcard outputs/train/runs/*/checkpoints/last.ckpt)))
+COMPARE ?=
+
+.PHONY: install train test browser demo bench gpu-check llm-study clean
 
 install: $(STAMP)
 
@@ -51,8 +55,24 @@ train: $(STAMP)
 
 # The tests marked slow (the OpenMoji LiT evaluator's training on a fresh clone alone is ~5 min, then DDP
 # runs) run with SLOW=1, as CI does: `make test SLOW=1`.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(if $(SLOW),,-m "not slow") -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The demo's browser test drives Debian's Chromium: installed here where the machine allows it (root with apt-get);
+# elsewhere the test is skipped and says why.
+browser:
+	@if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the demo's browser test"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	      (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1) || \
+	      echo "could not install chromium: the demo's browser test will be skipped"; \
+	  else echo "no chromium, and no root apt-get to install it: the demo's browser test will be skipped"; fi; \
+	fi
+
+demo: $(STAMP)
+	$(BIN)/python -m text2img.demo $(if $(CKPT),ckpt=$(CKPT)) $(if $(COMPARE),'compare=[$(COMPARE)]') $(ARGS)
 
 llm-study: $(STAMP)
 	TEXT2IMG_STUDY_COMMIT=true $(STUDY) +llm_study=shapes seed=$(STUDY_SEEDS) '+cell=$(STUDY_CELLS)' $(ARGS)

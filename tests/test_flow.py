@@ -9,13 +9,16 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import compose_train
 from diffusers import (
-    DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     UNet2DConditionModel,
 )
 from hydra.utils import instantiate
 
-from conftest import compose_train
 from text2img.errors import ConfigError, root_cause
 from text2img.fusion import TokenProjection
 from text2img.generators import DiffusionGenerator

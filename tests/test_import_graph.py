@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("text2img.lightning", "text2img.callbacks"),
     ("text2img.run",),
     ("text2img.inspect",),
-    ("text2img.train", "text2img.sample", "text2img.evaluate", "text2img.export"),
+    ("text2img.webapp",),
+    ("text2img.train", "text2img.sample", "text2img.evaluate", "text2img.export", "text2img.demo"),
 ]
 ENTRY_POINTS = LAYERS[-1]
 # Training code: what runs a training step, which must not need the evaluation's metrics.

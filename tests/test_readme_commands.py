@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT
 
-ENTRY = re.compile(r"(?:^|\s)-m\s+text2img\.(train|sample|evaluate|export)\b")
+ENTRY = re.compile(r"(?:^|\s)-m\s+text2img\.(train|sample|evaluate|export|demo)\b")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ COMMANDS = readme_commands()
 
 
 def test_the_readme_shows_commands_of_every_entry_point() -> None:
-    assert {command.entry for command in COMMANDS} == {"train", "sample", "evaluate", "export"}
+    assert {command.entry for command in COMMANDS} == {"train", "sample", "evaluate", "export", "demo"}
     assert sum(command.multirun for command in COMMANDS) >= 4  # sweeps, Optuna, SLURM, the notebook's sweep
 
 

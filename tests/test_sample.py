@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_train, smoke_overrides, write_imagefolder
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from conftest import compose_train, smoke_overrides, write_imagefolder
 from text2img.data.imagefolder import load_rgb_square
-from text2img.utils.grid import captioned_grid
 from text2img.sample import Sampled, sample
 from text2img.sampling.images import SamplingOptions, image_name, image_seed, sample_command, slug
 from text2img.train import train
+from text2img.utils.grid import captioned_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

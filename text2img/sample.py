@@ -35,7 +35,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from text2img.errors import ConfigError
 from text2img.run.command_line import run_checked
 from text2img.run.compose import load_model, one_line_errors
-from text2img.run.config_checks import ANY_INTEGER, NULL, NUMBER, Requirement, check_rules, integer
+from text2img.run.config_checks import (
+    ANY_INTEGER,
+    NULL,
+    NUMBER,
+    Requirement,
+    check_device,
+    check_rules,
+    integer,
+)
 from text2img.sampling.images import (
     EditFiles,
     SamplingOptions,
@@ -79,16 +87,6 @@ def check_prompts(value: Any) -> list[str]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"prompts[{index}]={prompt!r} is not a prompt; every prompt must be non-empty text")
     return prompts
-
-
-def check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device; use cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but torch sees no CUDA GPU; use device=cpu")
-    return device
 
 
 def _open_image(option: str, path: str) -> Image.Image:

@@ -175,14 +175,16 @@ def cross_attention_maps(
     seed: int = 0,
     guidance_scale: float | None = None,
     steps: int | None = None,
+    sampler: str | None = None,
 ) -> CrossAttentionMaps:
     """Generate the image of `prompt` with `seed` (the one `text2img.sample` draws, bit for bit) and record each
-    conditioning token's cross-attention map; `guidance_scale` and `steps` default to the checkpoint generator's."""
+    conditioning token's cross-attention map; `guidance_scale`, `steps` and `sampler` default to the checkpoint
+    generator's."""
     encoded = model.conditioner.sampling([prompt])
     encoder_texts, text = encoded.texts, encoded.text.to(model.device)
     recorded = AttentionSum(rows=1)  # row 0 of the generation chunk: the prompt, not the chunk's filling copies
     with recording_cross_attention(model.generator, recorded):
-        image = model.generate(text, [seed], guidance_scale=guidance_scale, steps=steps)[0].cpu()
+        image = model.generate(text, [seed], guidance_scale=guidance_scale, steps=steps, sampler=sampler)[0].cpu()
     maps = recorded.mean_maps(*image.shape[1:])[0].cpu()
     if isinstance(model.fusion, TokenProjection):
         maps = maps[: int(text.mask[0].sum())]  # the prompt's tokens; padding is never attended

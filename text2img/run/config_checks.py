@@ -385,3 +385,14 @@ def check_config(cfg: DictConfig) -> None:
     check_rules(values, RULES)
     for check in CROSS_CHECKS:
         check(cfg, values)
+
+
+def check_device(name: str) -> torch.device:
+    """The device a `device=` option names, or one line saying why it cannot be used."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but torch sees no CUDA GPU; use device=cpu")
+    return device

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,9 +21,19 @@ from PIL.PngImagePlugin import PngInfo
 
 from text2img.data.base import uint8_to_tensor
 from text2img.data.imagefolder import square_rgb
-from text2img.lightning import Text2ImgModule
 from text2img.sampling.runtime import DEFAULT_STRENGTH, ImageEdit
 from text2img.types import TextEmbedding
+
+
+class ImageModel(Protocol):
+    """What draws the images: `Text2ImgModule` (this layer does not import it)."""
+
+    device: torch.device
+
+    def generate(
+        self, text: TextEmbedding, seeds: Sequence[int], guidance_scale: float | None = None,
+        steps: int | None = None, edit: ImageEdit | None = None, sampler: str | None = None,
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ def edit_from_images(
 
 
 def generate_images(
-    model: Text2ImgModule,
+    model: ImageModel,
     text: TextEmbedding,
     seeds: list[int],
     options: SamplingOptions,
