@@ -138,6 +138,16 @@ def test_an_uploaded_image_with_paint_is_inpainted_as_the_command_does(
     assert np.array_equal(kept, (prepared.images[0].permute(1, 2, 0).numpy()[:, :8] * 127.5 + 127.5).round())
 
 
+def test_uploads_of_any_pixel_kind_become_rgb_and_a_misfit_mask_says_so() -> None:
+    for image in [Image.new("CMYK", (20, 30), (0, 255, 255, 0)), Image.new("I;16", (30, 20), 40000),
+                  Image.new("LA", (25, 25), (10, 0)), Image.new("P", (16, 16), 3)]:
+        edit = edit_input({"background": image, "layers": []}, 0.5)
+        assert edit.image.mode == "RGB" and edit.image.size == image.size and edit.mask is None, image.mode
+    layer = Image.new("RGBA", (10, 10), (255, 255, 255, 255))
+    with pytest.raises(DemoError, match="^a mask layer is 10x10, not the image's size; draw it again$"):
+        edit_input({"background": Image.new("RGB", (20, 20)), "layers": [layer]}, 0.5)
+
+
 def test_the_columns_draw_the_same_prompts_and_seeds(checkpoint: Path, tmp_path: Path) -> None:
     state = demo_state([str(checkpoint), str(checkpoint)], tmp_path)
     assert [slot.label for slot in state.slots] == ["model A", "model B", "model C"] and state.slots[2].run is None
@@ -256,6 +266,9 @@ def test_the_page_in_a_real_browser(state: DemoState, checkpoint: Path, tmp_path
             sources = [img.get_attribute("src") for img in page.locator("#gallery-0 .thumbnail-item img").all()]
             shown = [png(page.request.get(src).body()) for src in sources]
             command = page.locator("#command-0").get_by_role("textbox").input_value()
+            page.get_by_text("Where each token looks").click()
+            page.click("#maps")
+            page.locator("#maps-gallery .thumbnail-item img").nth(2).wait_for(timeout=60_000)  # the image, 2+ tokens
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             page.locator("#path-1").get_by_role("textbox").fill(str(tmp_path / "missing.ckpt"))
             page.click("#load-1")
