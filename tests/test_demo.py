@@ -9,7 +9,6 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ gradio = pytest.importorskip("gradio", reason="the demo's extra is not installed
 
 from text2img.webapp.app import DemoState, Slot, build_app, demo_state, edit_input, generate_all
 from text2img.webapp.session import (
-    DemoEdit,
     DemoError,
     attention_gallery,
     generate,
@@ -212,10 +210,24 @@ def test_a_checkpoint_that_does_not_load_says_why(state: DemoState, tmp_path: Pa
         generate_all(page, "a", 0, 1, 0, 0, None, 0.8, [None])
 
 
-def test_a_one_pass_backend_refuses_to_edit_in_one_line(tmp_path: Path) -> None:
-    gan = SimpleNamespace(edits=False, summary={"generator": "GANGenerator"})
+def test_a_gan_column_draws_beside_a_diffusion_one_and_refuses_to_edit(checkpoint: Path, tmp_path: Path) -> None:
+    data = write_imagefolder(tmp_path / "data")
+    overrides = smoke_overrides(data, "generator=gan", "logger=csv", "test=false",
+                                f"data.embedding_cache_dir={tmp_path / 'embeddings'}")
+    train(compose_train(tmp_path / "gan", overrides))
+    state = demo_state([str(checkpoint), str(tmp_path / "gan" / "checkpoints" / "last.ckpt")], tmp_path / "images")
+    gan = state.slots[1].run
+    assert gan.sampler_names == [] and gan.summary["generator"].startswith("GANGenerator")
+    diffusion, drawn, _ = generate_all(state, "a red circle", 0, 2, 3, 4, None, 0.8,
+                                       ["DPMSolverMultistepScheduler", None, None])
+    assert diffusion[0].command.endswith("seed=0 guidance=3.0 steps=4")  # guidance and steps: the diffusion column's
+    assert drawn[1].command.endswith("""'prompts=["a red circle"]' n=1 seed=1""")
+    expected = sampled(tmp_path, tmp_path / "gan" / "checkpoints" / "last.ckpt", ["a red circle"], "n=2")
+    assert all(np.array_equal(png(image.path), pixels) for image, pixels in zip(drawn, expected, strict=True))
+    before = sorted(state.out_dir.iterdir())
     with pytest.raises(DemoError, match="^GANGenerator cannot edit images .*; remove the image to edit, or load a"):
-        prepare_edit(gan, DemoEdit(Image.new("RGB", (8, 8)), None, 0.5), tmp_path)
+        generate_all(state, "a red circle", 0, 1, 0, 0, painted_editor(), 0.8, [None, None, None])
+    assert sorted(state.out_dir.iterdir()) == before  # refused before the diffusion column drew anything
     assert parse_prompts("one\n\n two \n") == ["one", "two"]
 
 

@@ -26,6 +26,7 @@ from text2img.webapp.session import (
     DemoImage,
     LoadedRun,
     attention_gallery,
+    check_edits,
     generate,
     load_run,
     parse_prompts,
@@ -147,6 +148,9 @@ def generate_all(
     if not loaded:
         raise DemoError("no checkpoint is loaded; type a checkpoint path in a column and press Load")
     edit = edit_input(editor, strength)
+    if edit is not None:
+        for slot in loaded:  # before any column draws: a click does all of its columns or none
+            check_edits(slot.run)
     total = len(prompts) * int(n) * len(loaded)
     results: list[list[DemoImage] | None] = []
     with Progress("generating", total, "images") as progress:
@@ -161,6 +165,8 @@ def generate_all(
                 results.append(None)
                 continue
             options = sampling_options(guidance, steps, chosen_sampler(slot.run, sampler))
+            if not slot.run.sampler_names:  # a GAN or VAE draws in one pass: guidance and steps are the others'
+                options = SamplingOptions()
             folder = state.next_folder(slot, "edit" if edit else "txt2img")
             results.append(generate(slot.run, prompts, int(n), int(seed), options, folder, edit, advance))
     return results

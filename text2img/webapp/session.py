@@ -149,13 +149,17 @@ def check_count(prompts: list[str], n: int) -> None:
         )
 
 
-def prepare_edit(run: LoadedRun, edit: DemoEdit, folder: Path) -> tuple[ImageEdit, EditFiles]:
-    """The edit at the model's resolution, with the input files written to `folder` for the regenerating command."""
+def check_edits(run: LoadedRun) -> None:
     if not run.edits:
         raise DemoError(
             f"{run.summary['generator']} cannot edit images (only diffusion backends denoise from a noised input); "
             "remove the image to edit, or load a diffusion checkpoint"
         )
+
+
+def prepare_edit(run: LoadedRun, edit: DemoEdit, folder: Path) -> tuple[ImageEdit, EditFiles]:
+    """The edit at the model's resolution, with the input files written to `folder` for the regenerating command."""
+    check_edits(run)
     if not 0 < edit.strength <= 1:
         raise DemoError(f"strength={edit.strength} is out of range; use 0 < strength <= 1")
     folder.mkdir(parents=True, exist_ok=True)
