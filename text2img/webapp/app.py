@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,7 @@ def generate_all(
     editor: dict[str, Any] | None,
     strength: float,
     samplers: Sequence[str | None],
-    report: Any = None,
+    report: Callable[[int, int], None] | None = None,
 ) -> list[list[DemoImage] | None]:
     """Every loaded column's images for the prompts (None for an empty column); `report(done, total)` after each
     batch. Raises DemoError for input that no column can use."""
