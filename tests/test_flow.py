@@ -241,3 +241,10 @@ def test_every_listed_sampler_samples_through_the_runtime(objective: str) -> Non
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all(), name
     with pytest.raises(ConfigError, match=f"^sampler=DDIM is not a sampler of this model's .* use one of {own}, "):
         generator.make_sampler("DDIM")
+
+
+def test_a_sampler_that_cannot_take_so_few_steps_says_so() -> None:
+    generator = flow_generator(objective="epsilon", flow=None)
+    head, seeds = TokenProjection(TEXT_DIM, COND_DIM), [torch.Generator().manual_seed(0) for _ in range(2)]
+    with pytest.raises(ConfigError, match=r"^PNDMScheduler cannot sample in 3 steps \(.*\); give more steps or another"):
+        generator.sample(text(2), null(2), head, seeds, steps=3, sampler="PNDMScheduler")

@@ -25,6 +25,8 @@ from diffusers import SchedulerMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 from torch import Tensor, nn
 
+from text2img.errors import ConfigError
+
 # A text embedding as plain tensors: tokens [B, L, D] (zero at padding), mask [B, L] bool, pooled [B, D].
 Text = tuple[Tensor, Tensor, Tensor]
 # denoise(x, t, tokens, mask, pooled): the model's prediction for x at timesteps t [B], for that text.
@@ -247,7 +249,12 @@ def sample(
     space, so latent diffusion edits the same way.
     """
     device = text[0].device
-    scheduler.set_timesteps(steps, device=device)
+    try:
+        scheduler.set_timesteps(steps, device=device)
+    except ValueError as error:  # e.g. PNDM's Runge-Kutta warm-up needs at least 4 steps
+        raise ConfigError(
+            f"{type(scheduler).__name__} cannot sample in {steps} steps ({error}); give more steps or another sampler"
+        ) from error
     flow = is_flow(scheduler)
     guided = guidance_scale != 1.0
     both = with_unconditional(text, null_text) if guided else text
