@@ -243,3 +243,16 @@ def test_bad_input_is_one_clear_line(checkpoint: Path, tmp_path: Path, case: str
     text = str(exc.value.code)
     assert text.startswith(f"text2img: error: {message.format(**paths)}") and "\n" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_with_an_option_this_version_lacks_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved["text2img_config"]["fusion"]["retired_option"] = 1  # as if written before the option was removed
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    with pytest.raises(SystemExit) as exc:
+        sample(compose_train(tmp_path, [f"ckpt={old}", 'prompts=["apple"]', f"out={tmp_path / 'out'}"], "sample"))
+    text = str(exc.value.code)
+    assert text.startswith(f"text2img: error: {old} was trained with an option this text2img no longer has (")
+    assert "unexpected keyword argument 'retired_option'" in text and text.endswith("or train it again")
+    assert "\n" not in text

@@ -155,7 +155,16 @@ def load_model(
         for key, value in (data or {}).items():
             run_cfg.data[key] = value
         run_cfg.model.init_from = None  # the checkpoint holds every weight the run started from
-    datamodule, model = build_model(run_cfg)
+    try:
+        datamodule, model = build_model(run_cfg)
+    except Exception as exc:
+        cause = root_cause(exc)
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            raise ConfigError(
+                f"{path} was trained with an option this text2img no longer has ({cause}); load it with the "
+                f"text2img version that trained it, or train it again"
+            ) from exc
+        raise
     model.on_load_checkpoint(checkpoint)  # as Lightning does: restores what the checkpoint leaves out
     model.load_state_dict(checkpoint["state_dict"])
     return checkpoint, datamodule, model
