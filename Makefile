@@ -38,7 +38,7 @@ STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) 'hydra.sear
 CKPT ?= $(lastword $(sort $(wildcard outputs/train/runs/*/checkpoints/last.ckpt)))
 COMPARE ?=
 
-.PHONY: install train test browser demo bench gpu-check llm-study clean
+.PHONY: install train test lint browser demo bench gpu-check llm-study clean
 
 install: $(STAMP)
 
@@ -55,8 +55,12 @@ train: $(STAMP)
 
 # The tests marked slow (the OpenMoji LiT evaluator's training on a fresh clone alone is ~5 min, then DDP
 # runs) run with SLOW=1, as CI does: `make test SLOW=1`.
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest $(if $(SLOW),,-m "not slow") -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# Unused imports, undefined names and the like (pyproject's [tool.ruff.lint]): a second, before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check --quiet text2img tests experiments
 
 # The demo's browser test drives Debian's Chromium: installed here where the machine allows it (root with apt-get);
 # elsewhere the test is skipped and says why.

@@ -1,7 +1,5 @@
 """Every option of every config group composes, and builds with hydra.utils.instantiate."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra.utils import instantiate

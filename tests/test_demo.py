@@ -21,8 +21,9 @@ from text2img.train import train
 
 gradio = pytest.importorskip("gradio", reason="the demo's extra is not installed: pip install -e '.[demo]'")
 
-from text2img.webapp.app import DemoState, Slot, build_app, demo_state, edit_input, generate_all
-from text2img.webapp.session import (
+# imported after the importorskip above, so that a machine without gradio skips this file
+from text2img.webapp.app import DemoState, Slot, build_app, demo_state, edit_input, generate_all  # noqa: E402
+from text2img.webapp.session import (  # noqa: E402
     DemoError,
     attention_gallery,
     generate,

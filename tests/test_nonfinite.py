@@ -13,7 +13,6 @@ import torch
 
 from conftest import REPO_ROOT, compose_train, smoke_overrides
 from text2img.run.compose import build
-from text2img.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

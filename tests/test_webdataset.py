@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import webdataset as wds
-from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import REPO_ROOT, compose_train
