@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -98,6 +99,41 @@ def test_option_composes_and_instantiates(override, tmp_path, imagefolder, tiny_
         assert trainer.max_steps == cfg.trainer.max_steps
     elif group == "debug":
         assert cfg.trainer.get("fast_dev_run") or cfg.trainer.max_steps < 100
+
+
+# The generator's own groups (conf/generator/<group>/), each option with the generator that takes it and what it needs.
+NESTED = {
+    "generator/denoiser=unet": ["generator=diffusion"],
+    "generator/denoiser=dit": ["generator=diffusion"],
+    "generator/first_stage=autoencoder": ["generator=ldm", "generator.first_stage.source={first_stage}"],
+    "generator/first_stage=patch_pca": ["generator=ldm"],
+    "generator/noise_scheduler=ddpm": ["generator=diffusion"],
+    "generator/noise_scheduler=pretrained": ["generator=diffusion", "generator.noise_scheduler.source={pipeline}"],
+}
+
+
+def test_every_nested_generator_option_is_listed():
+    nested = [p.name for p in (CONF_DIR / "generator").iterdir() if p.is_dir()]
+    found = {f"generator/{group}={option}" for group in nested for option in options(f"generator/{group}")}
+    assert found == set(NESTED)
+
+
+@pytest.mark.parametrize("override", NESTED)
+def test_nested_generator_option_composes_and_instantiates(override, tmp_path, tiny_first_stage):
+    DDPMScheduler(beta_schedule="scaled_linear").save_pretrained(tmp_path / "pipeline" / "scheduler")
+    extra = [o.format(first_stage=tiny_first_stage, pipeline=tmp_path / "pipeline") for o in NESTED[override]]
+    cfg = compose_train(tmp_path, [*extra, override])
+    generator = instantiate(cfg.generator)
+    assert isinstance(generator, Generator)
+    group, option = override.removeprefix("generator/").split("=")
+    if group == "denoiser":
+        assert type(generator.denoiser).__name__ == {"unet": "UNetDenoiser", "dit": "DiTDenoiser"}[option]
+    elif group == "first_stage":
+        autoencoder = type(generator.first_stage.autoencoder).__name__
+        assert autoencoder == {"autoencoder": "AutoencoderKL", "patch_pca": "PatchAutoencoder"}[option]
+    else:  # the pretrained pipeline's betas, or the configured DDPM schedule
+        expected = "scaled_linear" if option == "pretrained" else cfg.generator.noise_scheduler.beta_schedule
+        assert generator.noise_scheduler.config.beta_schedule == expected
 
 
 @pytest.mark.parametrize("generator", options("generator"))
