@@ -118,6 +118,10 @@ def test_bad_folders_and_names_are_one_line(tmp_path):
 
     assert "does not exist" in message(str(tmp_path / "nowhere"))
     assert "does not exist" in message(str(tmp_path / "nowhere.ckpt"))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    assert message(str(tmp_path / "weights.safetensors")).startswith(
+        f"first stage '{tmp_path / 'weights.safetensors'}' is not a folder; pass a generator=vae run's .ckpt"
+    )
     (tmp_path / "empty").mkdir()
     assert "holds no AutoencoderKL: it has no config.json" in message(str(tmp_path / "empty"))
     UNet2DModel(block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,

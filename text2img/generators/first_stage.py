@@ -19,6 +19,7 @@ from text2img.generators.patch_autoencoder import PatchAutoencoder
 from text2img.generators.vae import VAEGenerator
 from text2img.networks.frozen import FrozenNetwork
 from text2img.utils.checkpoints import load_checkpoint
+from text2img.utils.files import names_a_path
 from text2img.utils.paths import CONF_DIR
 from text2img.utils.precision import WEIGHT_DTYPES
 from text2img.utils.progress import Progress
@@ -192,8 +193,9 @@ def _pretrained_autoencoder(source: str, subfolder: str | None) -> AutoencoderKL
         kind = json.loads(config.read_text()).get("_class_name")
         if kind not in AUTOENCODERS:
             raise ConfigError(f"first stage '{model}' holds a {kind}, not an {' or '.join(AUTOENCODERS)}; {usage}")
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ConfigError(f"first stage '{source}' does not exist; {usage}")
+    elif names_a_path(source):
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise ConfigError(f"first stage '{source}' {problem}; {usage}")
     try:
         # low_cpu_mem_usage=False: the default asks for `accelerate`, and says so on every load
         return AUTOENCODERS[kind].from_pretrained(str(folder) if folder.is_dir() else source, subfolder=subfolder,

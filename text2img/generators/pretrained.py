@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from diffusers import DDPMScheduler, ModelMixin
 
 from text2img.errors import ConfigError
+from text2img.utils.files import names_a_path
 
 USAGE = "give a diffusers pipeline folder (unet/ or transformer/, vae/, scheduler/) written by save_pretrained, or a hub name"
 # Config file names: models keep config.json, schedulers scheduler_config.json.
@@ -18,17 +19,12 @@ CONFIG_FILES = ("config.json", "scheduler_config.json")
 Network = TypeVar("Network", bound=ModelMixin)
 
 
-def _is_local(source: str) -> bool:
-    """Whether `source` names a path (it must then exist) rather than a hub repository ("owner/name")."""
-    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-
-
 def pretrained_config(source: str, subfolder: str | None = None, key: str | None = "generator.denoiser") -> dict[str, Any]:
     """The diffusers config (config.json or scheduler_config.json) of `source`/`subfolder`, a local folder or a hub
     repository, without loading weights. `key` is the config node that names `source`, for messages."""
     where = f"{source}/{subfolder}" if subfolder else source
     named = f"{key}.source: '{where}'" if key else f"the pretrained folder '{where}'"
-    if _is_local(source):
+    if names_a_path(source):
         folder = Path(source).expanduser() / (subfolder or "")
         if not folder.is_dir():
             raise ConfigError(f"{named} is not a folder; {USAGE}")
@@ -67,7 +63,7 @@ def load_network(cls: type[Network], source: str, subfolder: str | None, key: st
     if kind is not None and kind != cls.__name__:
         where = f"{source}/{subfolder}" if subfolder else source
         raise ConfigError(f"{key}.source: '{where}' holds a {kind}, not a {cls.__name__}; {USAGE}")
-    location = str(Path(source).expanduser()) if _is_local(source) else source
+    location = str(Path(source).expanduser()) if names_a_path(source) else source
     # low_cpu_mem_usage=False: the default asks for `accelerate`, and says so on every load
     return cls.from_pretrained(location, subfolder=subfolder, low_cpu_mem_usage=False)
 

@@ -40,3 +40,9 @@ def build_once(path: Path, build: Callable[[Path], None]) -> None:
             return
         with atomic_path(path) as tmp:
             build(tmp)
+
+
+def names_a_path(source: str) -> bool:
+    """Whether `source`, a model's location, names a local path (it must then exist) rather than a hub repository
+    ("owner/name"): it exists, starts like a path, or has more than one slash."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
