@@ -163,8 +163,8 @@ class EmbeddingCache:
         pooled = torch.zeros(len(captions), features)
         for shard, (positions, rows) in by_shard.items():
             stored = load_file(shard)
-            length = stored["tokens"].shape[1]
-            tokens[positions, :length] = stored["tokens"][rows]
-            mask[positions, :length] = stored["mask"][rows]
+            columns = stored["tokens"].shape[1]  # at most the table's `length`
+            tokens[positions, :columns] = stored["tokens"][rows]
+            mask[positions, :columns] = stored["mask"][rows]
             pooled[positions] = stored["pooled"][rows]
         return TextEmbedding(tokens, mask, pooled)
