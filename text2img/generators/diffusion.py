@@ -220,7 +220,7 @@ class DiffusionGenerator(Generator):
             denoise, scheduler, (text.tokens, text.mask, text.pooled),
             (null_text.tokens, null_text.mask, null_text.pooled), generators,
             (self.model_channels, self.model_size, self.model_size), guidance_scale, steps, edit=edit,
-            to_model_space=self.to_model_space, from_model_space=self.from_model_space,
+            to_model_space=self.to_model_space, from_model_space=self.from_model_space, error=ConfigError,
         )
 
 

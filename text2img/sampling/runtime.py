@@ -25,8 +25,6 @@ from diffusers import SchedulerMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 from torch import Tensor, nn
 
-from text2img.errors import ConfigError
-
 # A text embedding as plain tensors: tokens [B, L, D] (zero at padding), mask [B, L] bool, pooled [B, D].
 Text = tuple[Tensor, Tensor, Tensor]
 # denoise(x, t, tokens, mask, pooled): the model's prediction for x at timesteps t [B], for that text.
@@ -231,12 +229,13 @@ def sample(
     edit: ImageEdit | None = None,
     to_model_space: Callable[[Tensor], Tensor] = _identity,
     from_model_space: Callable[[Tensor], Tensor] = _identity,
+    error: type[Exception] = ValueError,
 ) -> Tensor:
     """Images [B, 3, H, W] in [-1, 1] for the text's B rows, with classifier-free guidance (`guidance_scale` > 1:
     `null_text` is the unconditional branch) over `steps` timesteps of `scheduler`, a fresh sampler (they keep
     state between steps). Diffusion runs in a space of `shape` (C, S, S); `from_model_space` turns its result into
     images and `to_model_space` images into it (for edits). Settings are the caller's, checked
-    (`sampling_settings`, `check_edit`).
+    (`sampling_settings`, `check_edit`); steps that `scheduler` cannot take raise `error`.
 
     Row i's noise comes from `generators[i]` on the CPU, so the images of a seed do not depend on the device or on
     the rest of the batch (at the batch size of `generate_in_chunks`, not even in their last bits).
@@ -251,10 +250,10 @@ def sample(
     device = text[0].device
     try:
         scheduler.set_timesteps(steps, device=device)
-    except ValueError as error:  # e.g. PNDM's Runge-Kutta warm-up needs at least 4 steps
-        raise ConfigError(
-            f"{type(scheduler).__name__} cannot sample in {steps} steps ({error}); give more steps or another sampler"
-        ) from error
+    except ValueError as exc:  # e.g. PNDM's Runge-Kutta warm-up needs at least 4 steps
+        raise error(
+            f"{type(scheduler).__name__} cannot sample in {steps} steps ({exc}); give more steps or another sampler"
+        ) from exc
     flow = is_flow(scheduler)
     guided = guidance_scale != 1.0
     both = with_unconditional(text, null_text) if guided else text
