@@ -107,10 +107,10 @@ def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path, tune
             f"copy_encoder=false, but the text encoder {encoder.model_id} ({type(encoder).__name__}) is built in "
             "code and cannot be loaded by reference; use copy_encoder=true"
         )
-    # Loaded to resolve the layers read (negative indices, `all`) into hidden-state indices, which stay valid in a
-    # copy that keeps only the blocks up to the last one read.
-    encoder.load()
+    # Resolved indices stay valid in a copy that keeps only the blocks up to the last one read.
+    hidden_indices = encoder.layer_indices()
     if copy:
+        encoder.load()
         assert encoder.model is not None and encoder.tokenizer is not None
         merged_copy(encoder.model).save_pretrained(folder)
         encoder.tokenizer.save_pretrained(folder)
@@ -120,7 +120,7 @@ def text_encoder_settings(encoder: HFTextEncoder, copy: bool, folder: Path, tune
         "tuned": tuned,
         "identity": encoder.identity(),
         "hidden_size": encoder.hidden_size,
-        "hidden_indices": encoder.hidden_indices,
+        "hidden_indices": hidden_indices,
         "layer_norm": encoder.layer_norm,
         "combine": encoder.combine,
         "keep_tokens": encoder.keep_tokens,

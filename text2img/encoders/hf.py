@@ -270,6 +270,14 @@ class HFTextEncoder(TextEncoder):
         """The model's config without its weights, or None when it cannot be read before they load."""
         return pretrained_config(self.model_name, self.trust_remote_code, self.gguf_file)
 
+    def layer_indices(self) -> list[int]:
+        """The `hidden_states` indices of the layers read (negative indices and `all` resolved): from the model's
+        config where it can be read without the weights, else from the loaded model."""
+        if self.model is None and (config := self.text_config()) is not None:
+            return self._check(config)
+        self.load()
+        return self.hidden_indices
+
     def check_config(self) -> None:
         """Check the settings against the model's config before any weights load (`load` checks them anyway)."""
         if (config := self.text_config()) is not None:
