@@ -73,6 +73,26 @@ def test_from_a_vae_checkpoint_equals_the_trained_model(vae_run):
     torch.testing.assert_close(first_stage.decode(mean).clamp(-1, 1), expected)
 
 
+@pytest.mark.parametrize("source", ["folder", "vae_run"])
+def test_checkpoints_leave_out_a_first_stage_that_reloads_from_its_source(source, vae_run, tmp_path):
+    """A diffusers folder's weights (e.g. Stable Diffusion's VAE) reload when the model is built; a VAE run's
+    checkpoint may be deleted after the latent model trains, so its weights stay in the latent model's."""
+    if source == "folder":
+        tiny_autoencoder().save_pretrained(tmp_path / "vae")
+    location = tmp_path / "vae" if source == "folder" else vae_run
+    overrides = ["generator=ldm", f"generator.first_stage.source={location}", "logger=csv", "test=false",
+                 "callbacks.sample_grid=null", "trainer.max_steps=2"]
+    train(compose_train(tmp_path / "run", smoke_overrides(write_imagefolder(tmp_path / "data"), *overrides)))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    kept = [key for key in saved["state_dict"] if key.startswith("generator.first_stage.")]
+    assert (len(kept) == 0) == (source == "folder") and "generator.latent_scale" in saved["state_dict"]
+    _, _, model = load_model(str(checkpoint))
+    expected = load_first_stage(str(location)).state_dict()
+    for key, value in model.generator.first_stage.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
 def altered_checkpoint(vae_run: Path, tmp_path: Path, edit) -> str:
     checkpoint = torch.load(vae_run, weights_only=True)
     edit(checkpoint)

@@ -47,6 +47,12 @@ class FirstStage(FrozenNetwork):
         self.source = source
 
     @property
+    def reloads(self) -> bool:
+        """Whether building the model loads these weights again (a diffusers folder or hub name), so checkpoints
+        can leave them out; a fitted patch code and a VAE run's checkpoint (which may be deleted) are kept."""
+        return self.source != "fitted" and not self.source.endswith(".ckpt")
+
+    @property
     def latent_channels(self) -> int:
         return int(self.autoencoder.config.latent_channels)
 

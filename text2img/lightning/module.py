@@ -268,10 +268,14 @@ class Text2ImgModule(L.LightningModule):
 
     def frozen_pretrained_keys(self) -> list[str]:
         """State-dict entries that reload from their source when the model is built, so checkpoints leave them out:
-        the encoder's frozen base, and a pretrained denoiser's frozen weights (`generator.denoiser.source`)."""
+        the encoder's frozen base, a pretrained denoiser's frozen weights (`generator.denoiser.source`) and a
+        pretrained first stage (`generator.first_stage.source`: e.g. Stable Diffusion's VAE, 84M parameters)."""
         denoiser = getattr(self.generator, "denoiser", None)
         sourced = denoiser if denoiser is not None and denoiser.source is not None else None
-        return self.frozen_encoder_keys() + self._frozen_keys("generator.denoiser.", sourced)
+        first_stage = getattr(self.generator, "first_stage", None)
+        reloaded = first_stage if first_stage is not None and first_stage.reloads else None
+        return (self.frozen_encoder_keys() + self._frozen_keys("generator.denoiser.", sourced)
+                + self._frozen_keys("generator.first_stage.", reloaded))
 
     def _frozen_keys(self, prefix: str, module: nn.Module | None) -> list[str]:
         """The state-dict entries under `prefix` (where `module` sits) that are not trained parameters."""
