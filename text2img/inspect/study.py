@@ -95,23 +95,32 @@ def holm_significant(tests: Sequence[tuple[str, str, float]], alpha: float = 0.0
     return significant
 
 
-def plot_study(results: pd.DataFrame, benchmark: str, figures: Sequence[str] | None = None):
-    """One panel per figure: each cell's mean with its 95% interval, cells grouped by factor (a matplotlib Figure)."""
+def plot_study(results: pd.DataFrame, benchmark: str, figures: Sequence[str] | None = None, columns: int = 4):
+    """One panel per figure, `columns` to a row: each cell's mean with its 95% interval, cells grouped by factor,
+    and a dashed line at the default cell's mean (a matplotlib Figure)."""
     import matplotlib.pyplot as plt
 
     rows = results[results.benchmark == benchmark]
     figures = [name for name in (figures or FIGURES.get(benchmark, [])) if name in rows]
     cells = list(dict.fromkeys(rows.sort_values(["factor", "cell"]).cell))
-    fig, axes = plt.subplots(1, len(figures), figsize=(3.2 * len(figures), 0.35 * len(cells) + 1.2), squeeze=False)
-    for ax, name in zip(axes[0], figures):
+    columns = min(columns, len(figures))
+    lines = -(-len(figures) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, lines * (0.3 * len(cells) + 1.0)), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(figures):
+            ax.set_visible(False)
+            continue
+        name = figures[index]
         intervals = [mean_interval(rows[rows.cell == cell][name].dropna().tolist()) for cell in cells]
         means = [interval.mean for interval in intervals]
         errors = [0 if interval.low is None else interval.mean - interval.low for interval in intervals]
         ax.barh(range(len(cells)), means, xerr=errors, color="#7a9cc6", ecolor="black", capsize=2)
-        ax.set_yticks(range(len(cells)), cells if ax is axes[0][0] else [""] * len(cells))
+        if "default" in cells:
+            ax.axvline(means[cells.index("default")], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_yticks(range(len(cells)), cells if index % columns == 0 else [""] * len(cells))
         ax.invert_yaxis()
         ax.set_title(name + (" (lower is better)" if name in LOWER_IS_BETTER else ""), fontsize=9)
-    fig.suptitle(f"LLM study, {benchmark}: mean and 95% interval over seeds")
+    fig.suptitle(f"LLM study, {benchmark}: mean and 95% interval over seeds; dashed: the default")
     fig.tight_layout()
     return fig
 
