@@ -26,8 +26,9 @@ SLOW ?=
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 # The LLM study (experiments/llm_study): every cell x seed on the shapes benchmark, then the OpenMoji cells, each a
-# Hydra multirun on make train's preset; a re-run skips finished jobs, and each finished job's figures are committed
-# under experiments/llm_study/results/ as they come.
+# Hydra multirun on make train's preset; a re-run skips finished jobs (also with other seeds or cells), and each
+# finished job's figures are committed under experiments/llm_study/results/ as they come. STUDY_OPENMOJI_CELLS=
+# (empty) runs the shapes cells alone.
 STUDY_SEEDS ?= 0,1,2
 # every cell of experiments/llm_study/conf/cell/ (Hydra's glob() does not see a search path's groups)
 STUDY_CELLS ?= default,tiny,minilm,penultimate,all_layers,concat3,dit,deep_fusion,perceiver,refiner,timestep_aware
@@ -80,7 +81,7 @@ demo: $(STAMP)
 
 llm-study: $(STAMP)
 	TEXT2IMG_STUDY_COMMIT=true $(STUDY) +llm_study=shapes seed=$(STUDY_SEEDS) '+cell=$(STUDY_CELLS)' $(ARGS)
-	TEXT2IMG_STUDY_COMMIT=true $(STUDY) +llm_study=openmoji seed=$(STUDY_SEEDS) '+cell=$(STUDY_OPENMOJI_CELLS)' $(ARGS)
+	$(if $(STUDY_OPENMOJI_CELLS),TEXT2IMG_STUDY_COMMIT=true $(STUDY) +llm_study=openmoji seed=$(STUDY_SEEDS) '+cell=$(STUDY_OPENMOJI_CELLS)' $(ARGS))
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/train_throughput.py

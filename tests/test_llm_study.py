@@ -104,17 +104,22 @@ def test_a_small_study_runs_resumes_and_is_tabulated(tmp_path: Path, kernel: str
     assert files == ["default-s0.json", "default-s1.json", "refiner-s0.json", "refiner-s1.json"]
     record = json.loads((results / "shapes" / "refiner-s1.json").read_text())
     assert record["seed"] == 1 and record["study"]["factor"] == "connector" and "fid_effnet" in record["figures"]
-    # seeds outside, cells inside: a study cut short has every cell at its first seeds
-    order = [json.loads(path.read_text())["folder"] for path in sorted((results / "shapes").glob("*.json"))]
-    assert [Path(folder).name for folder in order] == ["0", "2", "1", "3"]
-    # a re-run trains nothing: each finished job is skipped
+    # each job's folder is its cell and seed; seeds outside, cells inside: a study cut short has every cell at
+    # its first seeds
+    folders = [Path(json.loads(path.read_text())["folder"]) for path in sorted((results / "shapes").glob("*.json"))]
+    assert [folder.name for folder in folders] == ["default-s0", "default-s1", "refiner-s0", "refiner-s1"]
+    launched = sorted(folders, key=lambda folder: OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.job.num)
+    assert [folder.name for folder in launched] == ["default-s0", "refiner-s0", "default-s1", "refiner-s1"]
+    # a re-run with another seed and fewer cells trains only the new job: each finished one is skipped
     checkpoints = {path: path.stat().st_mtime_ns for path in (tmp_path / "sweep").glob("*/checkpoints/last.ckpt")}
-    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    more = [arg.replace("seed=0,1", "seed=1,2").replace("+cell=default,refiner", "+cell=refiner") for arg in command]
+    again = subprocess.run(more, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in checkpoints} == checkpoints
+    assert (results / "shapes" / "refiner-s2.json").is_file() and len(list((results / "shapes").glob("*.json"))) == 5
     monkeypatch.setenv("TEXT2IMG_STUDY_RESULTS", str(results))
     notebook = execute("llm_study.ipynb", kernel)
     table = next(text for text in outputs(notebook, "text/plain") if "fid_effnet" in text)
     assert "refiner" in table and "default" in table and "±" in table
     assert len(outputs(notebook, "image/png")) == 1
-    pd.testing.assert_series_equal(load_results(results).seed, pd.Series([0, 1, 0, 1], name="seed"))
+    pd.testing.assert_series_equal(load_results(results).seed, pd.Series([0, 1, 0, 1, 2], name="seed"))
