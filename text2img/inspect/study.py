@@ -74,7 +74,8 @@ def study_table(results: pd.DataFrame, benchmark: str, figures: Sequence[str] | 
                 base = by_cell[baseline][name].dropna().tolist()
                 if values and base:
                     change = difference(values, base)
-                    entry[f"{name} Δ"] = f"{change.delta:+.3g}"
+                    delta = change.delta if abs(change.delta) > 1e-8 else 0.0  # equal means: +0, not +1.2e-09
+                    entry[f"{name} Δ"] = f"{delta:+.3g}"
                     if change.p_value is not None:
                         tests.append((cell, name, change.p_value))
                         entry[f"{name} Δ"] += f" (p={change.p_value:.2g})"
