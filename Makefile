@@ -32,7 +32,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n :
 STUDY_SEEDS ?= 0,1,2
 # every cell of experiments/llm_study/conf/cell/ (Hydra's glob() does not see a search path's groups)
 STUDY_CELLS ?= default,tiny,minilm,penultimate,all_layers,concat3,dit,deep_fusion,perceiver,refiner,timestep_aware
-STUDY_OPENMOJI_CELLS ?= default,concat3,minilm
+STUDY_OPENMOJI_CELLS ?= default,concat3,minilm,dit,deep_fusion
 STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) 'hydra.searchpath=[file://experiments/llm_study/conf]'
 
 # `make demo` opens this checkpoint (default: the newest `make train` run's) beside COMPARE=B[,C...]
