@@ -264,25 +264,29 @@ class Text2ImgModule(L.LightningModule):
 
     def frozen_encoder_keys(self) -> list[str]:
         """State-dict entries of the encoder's frozen base: reloaded from its source, never saved."""
-        return self._frozen_keys(ENCODER_PREFIX, self.conditioner.encoder)
+        return self._frozen_keys({ENCODER_PREFIX: self.conditioner.encoder})
 
     def frozen_pretrained_keys(self) -> list[str]:
         """State-dict entries that reload from their source when the model is built, so checkpoints leave them out:
         the encoder's frozen base, a pretrained denoiser's frozen weights (`generator.denoiser.source`) and a
         pretrained first stage (`generator.first_stage.source`: e.g. Stable Diffusion's VAE, 84M parameters)."""
         denoiser = getattr(self.generator, "denoiser", None)
-        sourced = denoiser if denoiser is not None and denoiser.source is not None else None
         first_stage = getattr(self.generator, "first_stage", None)
-        reloaded = first_stage if first_stage is not None and first_stage.reloads else None
-        return (self.frozen_encoder_keys() + self._frozen_keys("generator.denoiser.", sourced)
-                + self._frozen_keys("generator.first_stage.", reloaded))
+        return self._frozen_keys({
+            ENCODER_PREFIX: self.conditioner.encoder,
+            "generator.denoiser.": denoiser if denoiser is not None and denoiser.source is not None else None,
+            "generator.first_stage.": first_stage if first_stage is not None and first_stage.reloads else None,
+        })
 
-    def _frozen_keys(self, prefix: str, module: nn.Module | None) -> list[str]:
-        """The state-dict entries under `prefix` (where `module` sits) that are not trained parameters."""
-        if module is None:
+    def _frozen_keys(self, modules: dict[str, nn.Module | None]) -> list[str]:
+        """The state-dict entries under each prefix of `modules` (where its module sits; None: none) that are not
+        trained parameters, in one pass over the state dict."""
+        prefixes = tuple(prefix for prefix, module in modules.items() if module is not None)
+        if not prefixes:
             return []
-        trained = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
-        return [key for key in self.state_dict() if key.startswith(prefix) and key not in trained]
+        trained = {prefix + name for prefix in prefixes for name, p in modules[prefix].named_parameters()
+                   if p.requires_grad}
+        return [key for key in self.state_dict() if key.startswith(prefixes) and key not in trained]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
@@ -294,7 +298,8 @@ class Text2ImgModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         own = self.state_dict()
+        frozen = {key: own[key] for key in self.frozen_pretrained_keys()}
         for state in ("state_dict", "current_model_state"):
             if state in checkpoint:
                 checkpoint[state] = upgrade_state_dict(checkpoint[state])
-                checkpoint[state].update({key: own[key] for key in self.frozen_pretrained_keys()})
+                checkpoint[state].update(frozen)
