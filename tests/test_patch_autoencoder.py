@@ -17,6 +17,9 @@ from text2img.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# A refiner small and short enough for a smoke run, so that checkpoints and exports are tested with its weights.
+SMALL_REFINER = ("generator.first_stage.refiner_width=8", "generator.first_stage.refiner_steps=5")
+
 
 def correlated_images(n: int = 64, size: int = 16, seed: int = 0) -> torch.Tensor:
     """Images in [-1, 1] whose patches have structure: smooth colour fields plus a little noise."""
@@ -91,8 +94,53 @@ def test_bad_sizes_and_degenerate_images_are_one_line():
         patch_pca_first_stage(latent_channels=64, patch_size=4)
 
 
-def test_a_saved_code_loads_as_a_first_stage_with_the_same_latents(tmp_path):
-    autoencoder = PatchAutoencoder(latent_channels=8, patch_size=2).fit([correlated_images()])
+def noisy(latents: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    return latents + std * torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_refiner_decodes_noisy_latents_closer_to_the_image_than_the_linear_code():
+    images, held_out = correlated_images(256), correlated_images(64, seed=1)
+    linear = PatchAutoencoder(latent_channels=8).fit([images])
+    state = torch.random.get_rng_state()
+    refined = PatchAutoencoder(latent_channels=8, refiner_width=32, refiner_steps=150, refiner_noise=1.0)
+    # building it draws nothing from the global stream: the denoiser built after it is initialised as without it
+    assert torch.equal(torch.random.get_rng_state(), state)
+    refined.load_state_dict(linear.state_dict(), strict=False)
+    latents = linear.encode(held_out).latent_dist.mean
+    # untrained, it adds nothing: its output layer starts at zero
+    torch.testing.assert_close(refined.decode(latents).sample, linear.decode(latents).sample)
+
+    def fitted(seed: int) -> PatchAutoencoder:
+        code = PatchAutoencoder.from_config(refined.config)
+        code.load_state_dict(refined.state_dict())
+        generator = torch.Generator().manual_seed(seed)
+        batches = (images[torch.randint(len(images), (32,), generator=generator)] for _ in range(150))
+        return code.fit_refiner(batches, generator)
+
+    code = fitted(0)
+    torch.testing.assert_close(code.encode(held_out).latent_dist.mean, latents)  # the encoder is not touched
+
+    def error(autoencoder: PatchAutoencoder, std: float) -> float:
+        return (autoencoder.decode(noisy(latents, std, seed=2)).sample - held_out).abs().mean().item()
+
+    # on held-out images whose latents carry noise, the refined decode is closer to the clean image
+    assert error(code, 0.5) < 0.8 * error(linear, 0.5)
+    assert error(code, 0.0) < 1.1 * error(linear, 0.0)  # and it does not spoil clean latents
+    # the fit is repeatable from a seed
+    again = fitted(0)
+    assert all(torch.equal(again.state_dict()[name], value) for name, value in code.state_dict().items())
+
+
+def test_the_refiner_needs_a_fitted_code_and_sane_options():
+    with pytest.raises(RuntimeError, match="fit the patch code before its refiner"):
+        PatchAutoencoder(latent_channels=4, refiner_width=8).fit_refiner([correlated_images(4)])
+    with pytest.raises(ConfigError, match="generator/first_stage=patch_pca: .*refiner_noise=-1.0 must not be negative"):
+        patch_pca_first_stage(latent_channels=8, patch_size=4, refiner_width=8, refiner_noise=-1.0)
+
+
+def test_a_saved_code_loads_as_a_first_stage_with_the_same_latents_and_images(tmp_path):
+    autoencoder = PatchAutoencoder(latent_channels=8, patch_size=2, refiner_width=8, refiner_steps=3)
+    autoencoder.fit([correlated_images()]).fit_refiner([correlated_images()] * 3)
     autoencoder.save_pretrained(tmp_path / "vae")
     first_stage = load_first_stage(str(tmp_path / "vae"))
     assert isinstance(first_stage.autoencoder, PatchAutoencoder) and first_stage.autoencoder.fitted
@@ -100,6 +148,8 @@ def test_a_saved_code_loads_as_a_first_stage_with_the_same_latents(tmp_path):
     assert first_stage.identity()["class"] == "PatchAutoencoder"
     images = correlated_images(4, seed=1)
     torch.testing.assert_close(first_stage.moments(images), autoencoder.encode(images).latent_dist.parameters)
+    latents = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(first_stage.decode(latents), autoencoder.decode(latents).sample)
     assert not any(p.requires_grad for p in first_stage.parameters())
 
 
@@ -123,7 +173,7 @@ def test_it_is_fitted_on_the_training_images_once(tmp_path):
 def test_an_ldm_run_on_it_trains_and_its_checkpoint_restores_the_fit(tmp_path):
     data = write_imagefolder(tmp_path / "data")
     overrides = ["generator=ldm", "generator/first_stage=patch_pca", "generator.cache_latents=true", "logger=csv",
-                 "test=false", "callbacks.sample_grid=null"]
+                 "test=false", "callbacks.sample_grid=null", *SMALL_REFINER]
     cfg = compose_train(tmp_path / "run", smoke_overrides(data, *overrides))
     _, built = build_model(cfg)
     assert isinstance(built.generator, LatentDiffusionGenerator) and built.generator.first_stage.autoencoder.fitted
@@ -131,6 +181,8 @@ def test_an_ldm_run_on_it_trains_and_its_checkpoint_restores_the_fit(tmp_path):
     train(cfg)
     _, _, model = load_model(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
     first_stage: FirstStage = model.generator.first_stage
+    assert built.generator.first_stage.autoencoder.refiner.layers[-1].weight.abs().sum() > 0  # trained when built
+    assert not any(p.requires_grad for p in built.generator.first_stage.parameters())  # and frozen again
     for name, value in built.generator.first_stage.state_dict().items():
         assert torch.equal(first_stage.state_dict()[name], value), name
     assert model.generator.latent_scale.item() == pytest.approx(1.0, rel=0.05)  # whitened latents
@@ -144,12 +196,12 @@ def test_the_export_carries_the_code_and_gives_the_same_images(tmp_path: Path):
 
     data = write_imagefolder(tmp_path / "data")
     overrides = ["generator=ldm", "generator/first_stage=patch_pca", "logger=csv", "test=false",
-                 "callbacks.sample_grid=null"]
+                 "callbacks.sample_grid=null", *SMALL_REFINER]
     train(compose_train(tmp_path / "run", smoke_overrides(data, *overrides)))
     _, _, model = load_model(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
     out = write_export(model, model.conditioner.text_encoder, tmp_path / "out")
     vae = PatchAutoencoder.from_pretrained(out / "vae")
-    assert vae.config.scaling_factor == model.generator.latent_scale.item()
+    assert vae.config.scaling_factor == model.generator.latent_scale.item() and vae.refiner is not None
     images = Text2ImgPipeline.from_folder(out)(PROMPTS, seed=SEEDS, output_type="pt")
     expected = model.eval().generate(model.conditioner.text_encoder.encode(PROMPTS), SEEDS)
     assert images.shape == (4, 3, 32, 32) and (images - expected).abs().max() <= TOLERANCE

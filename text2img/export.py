@@ -302,7 +302,8 @@ def readme(settings: dict[str, Any], objective: str, has_vae: bool) -> str:
             encoder += "; reading a GGUF file also needs `pip install gguf`"
     vae = (
         "- `vae/`: the first stage, a diffusers `AutoencoderKL` or, when its config's `_class_name` says so, a fitted\n"
-        "  linear patch code (`text2img_pipeline.generators.patch_autoencoder.PatchAutoencoder`, the same interface);\n"
+        "  patch code (`text2img_pipeline.generators.patch_autoencoder.PatchAutoencoder`, the same interface: a linear\n"
+        "  code of image patches, with a small trained convolutional refiner of its decode if `refiner_width` > 0);\n"
         "  latents are decoded as `vae.decode(latents / vae.config.scaling_factor)`.\n"
     )
     return README.format(

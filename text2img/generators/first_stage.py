@@ -26,6 +26,9 @@ from text2img.utils.progress import Progress
 
 # Images read at once when fitting a patch code (bounds memory, not results: the fit accumulates in float64).
 FIT_BATCH = 256
+# Images in each training step of a patch code's refiner, and the seed of their draws and noise.
+REFINER_BATCH = 64
+REFINER_SEED = 0
 # The autoencoder classes a first stage can be, by the `_class_name` of their diffusers config.
 AUTOENCODERS: dict[str, type[AutoencoderKL | PatchAutoencoder]] = {
     "AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder,
@@ -109,16 +112,36 @@ class FirstStage(FrozenNetwork):
                     progress.advance(len(indices))
 
             self.autoencoder.fit(batches())
+        if self.autoencoder.refiner is not None:
+            self._fit_refiner(images)
+
+    def _fit_refiner(self, images: Any) -> None:
+        steps = self.autoencoder.config.refiner_steps
+        generator = torch.Generator().manual_seed(REFINER_SEED)
+        with Progress("training the patch code's refiner", steps, "steps") as progress:
+
+            def batches():
+                for _ in range(steps):
+                    indices = torch.randint(len(images), (REFINER_BATCH,), generator=generator).tolist()
+                    yield torch.stack([images[i][0] for i in indices])
+                    progress.advance(1)
+
+            self.autoencoder.fit_refiner(batches(), generator)
 
 
 def patch_pca_first_stage(
-    latent_channels: int, patch_size: int, whitening: float = 1.0, dtype: str = "float32"
+    latent_channels: int, patch_size: int, whitening: float = 1.0, dtype: str = "float32",
+    refiner_width: int = 0, refiner_steps: int = 600, refiner_noise: float = 1.0,
 ) -> FirstStage:
-    """An unfitted patch code (`PatchAutoencoder`) of `latent_channels` x H/`patch_size` x W/`patch_size` latents;
-    the run's builder fits it to the training images (`FirstStage.fit_to`), a checkpoint restores its fit."""
+    """An unfitted patch code (`PatchAutoencoder`) of `latent_channels` x H/`patch_size` x W/`patch_size` latents,
+    with a refiner of `refiner_width` channels (0: none); the run's builder fits it to the training images
+    (`FirstStage.fit_to`), a checkpoint restores its fit."""
     weights_dtype = _weights_dtype(dtype)
     try:
-        autoencoder = PatchAutoencoder(latent_channels=latent_channels, patch_size=patch_size, whitening=whitening)
+        autoencoder = PatchAutoencoder(
+            latent_channels=latent_channels, patch_size=patch_size, whitening=whitening, refiner_width=refiner_width,
+            refiner_steps=refiner_steps, refiner_noise=refiner_noise,
+        )
     except ValueError as exc:
         raise ConfigError(f"generator/first_stage=patch_pca: {exc}") from exc
     return FirstStage(torch.nn.Module.to(autoencoder, weights_dtype), "fitted")

@@ -10,11 +10,18 @@ Why: on OpenMoji the small VAE that can be trained within the default's budget t
 code, fitted in a second, keeps the colours (experiments/default_model/README.md, "first stage"). The whitening
 matters: unscaled, the low-variance components that carry the colours drown in the diffusion noise.
 
+Optionally (`refiner_width` > 0) a small convolutional network adds a correction to the linear decode. It is
+trained after the fit (`fit_refiner`, seconds) to map *noisy* latents to the clean image, so that the errors a
+denoiser leaves in its samples come out as smooth images, not as speckle of 4x4 blocks: a linear decoder passes
+every latent error to the pixels, as a trained VAE's decoder does not.
+
 Standalone (torch and diffusers only): the exported pipeline's loader carries a copy of this module.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterable
 
 import torch
@@ -31,6 +38,8 @@ DETERMINISTIC_LOGVAR = -30.0
 # A component whose variance is below this fraction of the largest one carries no signal, only rounding: whitening
 # would blow it up.
 MIN_VARIANCE_RATIO = 1e-8
+# The refiner's optimiser: AdamW at this peak learning rate on a one-cycle schedule (10% warm-up).
+REFINER_LR = 2e-3
 
 
 class PatchAutoencoder(ModelMixin, ConfigMixin):
@@ -42,6 +51,10 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
     own variances, between them the fine components (small variance) stay smaller than the coarse ones, so that
     diffusion noise drowns them first and the sampler settles them last. Unfitted (zeros) until `fit` runs or
     weights are loaded; `fitted` says which.
+
+    With `refiner_width` > 0, decode adds `PatchRefiner(z)` to the patches; `fit_refiner` trains it on latents
+    with Gaussian noise of a standard deviation drawn uniformly in [0, `refiner_noise`] per image, for
+    `refiner_steps` steps. Until then (zero-initialised output) it adds nothing.
     """
 
     @register_to_config
@@ -52,6 +65,9 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         patch_size: int = 4,
         whitening: float = 1.0,
         scaling_factor: float = 1.0,
+        refiner_width: int = 0,
+        refiner_steps: int = 600,
+        refiner_noise: float = 1.0,
     ) -> None:
         super().__init__()
         width = in_channels * patch_size**2
@@ -60,10 +76,21 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
                 f"a patch code of {patch_size}x{patch_size} patches of {in_channels} channels has at most {width} "
                 f"latent channels, got latent_channels={latent_channels}; lower it or raise patch_size"
             )
+        if refiner_width < 0 or refiner_steps < 0 or refiner_noise < 0:
+            raise ValueError(
+                f"refiner_width={refiner_width}, refiner_steps={refiner_steps} and refiner_noise={refiner_noise} "
+                "must not be negative (refiner_width=0: no refiner, the linear decode alone)"
+            )
         # Parameters (frozen by their owner), so that the model has a device and dtype as every diffusers model.
         self.mean = nn.Parameter(torch.zeros(width))
         self.components = nn.Parameter(torch.zeros(latent_channels, width))
         self.scales = nn.Parameter(torch.ones(latent_channels))
+        self.refiner = None
+        if refiner_width:
+            # Built without drawing from the run's random stream (fit_refiner draws its weights anew from its own
+            # generator): a run with a refiner initialises and trains its denoiser exactly as one without.
+            with torch.random.fork_rng(devices=[]):
+                self.refiner = PatchRefiner(latent_channels, width, refiner_width)
 
     @property
     def fitted(self) -> bool:
@@ -78,10 +105,15 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def decode(self, latents: Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
-        weight = (self.components * self.scales[:, None]).T[:, :, None, None]
-        patches = F.conv2d(latents, weight) + self.mean.view(1, -1, 1, 1)
+        patches = self._linear_patches(latents)
+        if self.refiner is not None:
+            patches = patches + self.refiner(latents)
         images = F.pixel_shuffle(patches, self.config.patch_size)
         return DecoderOutput(sample=images) if return_dict else (images,)
+
+    def _linear_patches(self, latents: Tensor) -> Tensor:
+        components, scales, mean = (p.to(latents.dtype) for p in (self.components, self.scales, self.mean))
+        return F.conv2d(latents, (components * scales[:, None]).T[:, :, None, None]) + mean.view(1, -1, 1, 1)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[Tensor]) -> PatchAutoencoder:
@@ -119,3 +151,63 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         for parameter, value in ((self.mean, mean), (self.components, vectors), (self.scales, scales)):
             parameter.copy_(value.to(parameter.dtype))
         return self
+
+    def fit_refiner(self, batches: Iterable[Tensor], generator: torch.Generator | None = None) -> PatchAutoencoder:
+        """Train the refiner (after `fit`) on `refiner_steps` batches of clean images [B, C, H, W]: one AdamW step
+        each, on the L1 error between the image and the decode of its latents plus noise. It trains in float32
+        whatever the weights' dtype, from weights drawn anew; `generator` draws them and the noise, so a seeded one
+        makes the fit depend on the images alone, as `fit` does."""
+        if self.refiner is None:
+            return self
+        if not self.fitted:
+            raise RuntimeError("fit the patch code before its refiner: the refiner corrects the linear decode")
+        refiner = copy.deepcopy(self.refiner).float().reset_parameters(generator).requires_grad_(True).train()
+        steps, patch = self.config.refiner_steps, self.config.patch_size
+        optimizer = torch.optim.AdamW(refiner.parameters(), lr=REFINER_LR, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, REFINER_LR, total_steps=max(steps, 1), pct_start=0.1)
+        with torch.enable_grad():
+            for _, images in zip(range(steps), batches):
+                images = images.to(self.mean.device, torch.float32)
+                with torch.no_grad():
+                    latents = self.encode(images.to(self.dtype)).latent_dist.mean.float()
+                    spread = self.config.refiner_noise * torch.rand(len(latents), 1, 1, 1, generator=generator)
+                    noise = torch.randn(latents.shape, generator=generator)
+                    latents = latents + (spread * noise).to(latents.device)
+                    linear = self._linear_patches(latents)
+                loss = (linear + refiner(latents) - F.pixel_unshuffle(images, patch)).abs().mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        self.refiner.load_state_dict(refiner.state_dict())  # cast back to the weights' dtype
+        return self
+
+
+class PatchRefiner(nn.Module):
+    """Three 3x3 convolutions over the latent grid (each position sees its neighbours' latents, so block edges can
+    be smoothed) that output a correction of every pixel of each patch. The last layer starts at zero: an untrained
+    refiner leaves the linear decode as it is."""
+
+    def __init__(self, latent_channels: int, patch_width: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, patch_width, 3, padding=1),
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> PatchRefiner:
+        """torch's default initialisation of the convolutions (drawn from `generator`), the last one zero."""
+        *hidden, last = (layer for layer in self.layers if isinstance(layer, nn.Conv2d))
+        for layer in hidden:
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(layer.weight[0].numel())
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        return self
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.layers(latents)
