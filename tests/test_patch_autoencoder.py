@@ -162,6 +162,12 @@ def test_it_is_fitted_on_the_training_images_once(tmp_path):
     expected = PatchAutoencoder(latent_channels=8).fit([train_images])
     for name, value in expected.state_dict().items():
         torch.testing.assert_close(first_stage.autoencoder.state_dict()[name], value, atol=1e-6, rtol=0)
+    # a loaded code with a refiner that is not trained yet keeps the code and trains the refiner
+    refined = patch_pca_first_stage(latent_channels=8, patch_size=4, refiner_width=4, refiner_steps=2)
+    refined.load_state_dict(first_stage.state_dict(), strict=False)
+    refined.fit_to(source)
+    assert refined.autoencoder.refiner_trained
+    assert torch.equal(refined.autoencoder.components, first_stage.autoencoder.components)
     # a fitted (or loaded) code is kept: fitting again to other data changes nothing
     fitted = {name: value.clone() for name, value in first_stage.state_dict().items()}
     first_stage.fit_to(ImageFolderSource(str(write_imagefolder(tmp_path / "other", n=20, size=16)), image_size=16))
@@ -170,7 +176,7 @@ def test_it_is_fitted_on_the_training_images_once(tmp_path):
         patch_pca_first_stage(latent_channels=8, patch_size=4).fit_to(object())
 
 
-def test_an_ldm_run_on_it_trains_and_its_checkpoint_restores_the_fit(tmp_path):
+def test_an_ldm_run_on_it_trains_and_its_checkpoint_restores_the_fit(tmp_path, monkeypatch):
     data = write_imagefolder(tmp_path / "data")
     overrides = ["generator=ldm", "generator/first_stage=patch_pca", "generator.cache_latents=true", "logger=csv",
                  "test=false", "callbacks.sample_grid=null", *SMALL_REFINER]
@@ -179,6 +185,11 @@ def test_an_ldm_run_on_it_trains_and_its_checkpoint_restores_the_fit(tmp_path):
     assert isinstance(built.generator, LatentDiffusionGenerator) and built.generator.first_stage.autoencoder.fitted
     assert built.generator.model_channels == 16 and built.generator.model_size == 8  # 32-px images, 4x4 patches
     train(cfg)
+
+    def refit(*_):
+        raise AssertionError("loading a checkpoint fitted its patch code again: the checkpoint holds the fit")
+
+    monkeypatch.setattr(FirstStage, "fit_to", refit)
     _, _, model = load_model(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
     first_stage: FirstStage = model.generator.first_stage
     assert built.generator.first_stage.autoencoder.refiner.layers[-1].weight.abs().sum() > 0  # trained when built

@@ -92,9 +92,11 @@ class FirstStage(FrozenNetwork):
         return {"class": type(self.autoencoder).__name__, "source": self.source, "config": config}
 
     def fit_to(self, source: Any) -> None:
-        """Fit a patch code that is not fitted yet on `source`'s un-augmented training images (once: a fitted or
-        loaded one is kept); nothing for a trained autoencoder."""
-        if not isinstance(self.autoencoder, PatchAutoencoder) or self.autoencoder.fitted:
+        """Fit what a patch code lacks on `source`'s un-augmented training images: the code unless it is fitted or
+        loaded, then its refiner unless trained (a fitted or loaded part is kept); nothing for a trained
+        autoencoder."""
+        code = self.autoencoder
+        if not isinstance(code, PatchAutoencoder) or (code.fitted and code.refiner_trained):
             return
         if not isinstance(source, ImageCaptionSource):
             raise ConfigError(
@@ -103,6 +105,12 @@ class FirstStage(FrozenNetwork):
                 "exported vae/ folder as generator.first_stage.source (with generator/first_stage=autoencoder)"
             )
         images = source.split("train", augmented=False)
+        if not code.fitted:
+            self._fit_code(images)
+        if not code.refiner_trained:
+            self._fit_refiner(images)
+
+    def _fit_code(self, images: Any) -> None:
         with Progress("fitting the patch code to the training images", len(images), "images") as progress:
 
             def batches():
@@ -112,8 +120,6 @@ class FirstStage(FrozenNetwork):
                     progress.advance(len(indices))
 
             self.autoencoder.fit(batches())
-        if self.autoencoder.refiner is not None:
-            self._fit_refiner(images)
 
     def _fit_refiner(self, images: Any) -> None:
         steps = self.autoencoder.config.refiner_steps

@@ -96,6 +96,11 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
     def fitted(self) -> bool:
         return bool(self.components.detach().abs().sum() > 0)
 
+    @property
+    def refiner_trained(self) -> bool:
+        """Whether the decode is complete: no refiner, or one trained (an untrained one's output layer is zero)."""
+        return self.refiner is None or bool(self.refiner.layers[-1].weight.detach().abs().sum() > 0)
+
     def encode(self, images: Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         patches = F.pixel_unshuffle(images, self.config.patch_size) - self.mean.view(1, -1, 1, 1)
         weight = (self.components / self.scales[:, None])[:, :, None, None]

@@ -67,8 +67,12 @@ def build_data(cfg: DictConfig, caption_draws: int = 1) -> Text2ImgDataModule:
     return instantiate(_without(cfg.data, *TEXT_DATA_KEYS)[0], caption_draws=caption_draws)
 
 
-def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
+def build_model(cfg: DictConfig, fit_first_stage: bool = True) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     """Data and model of a run config (also used to rebuild a checkpoint's model for evaluation).
+
+    A patch-code first stage is fitted to the training images and its latents cached, unless `fit_first_stage` is
+    false: a checkpoint's weights are about to replace the fit (its refiner takes seconds to train), and a loaded
+    model does not train.
 
     The text side's keys stay where users set them (`encoder`, `prompt_expansion`, `data.caption_augment`,
     `data.embedding_cache_dir`, `model.caption_dropout`, `model.text_dim`): they build the model's
@@ -93,7 +97,7 @@ def build_model(cfg: DictConfig) -> tuple[Text2ImgDataModule, Text2ImgModule]:
     generator = instantiate(cfg.generator)
     names = _choice(cfg, "fusion"), _choice(cfg, "generator")
     fusion = build_fusion(cfg.fusion, generator, *names)
-    if isinstance(generator, LatentDiffusionGenerator):
+    if isinstance(generator, LatentDiffusionGenerator) and fit_first_stage:
         generator.first_stage.fit_to(datamodule.source)  # a patch code, fitted before its latents are cached
         if generator.cache_latents:
             datamodule.cache_latents(generator.first_stage, f"{cfg.paths.cache_dir}/latents")
@@ -156,7 +160,7 @@ def load_model(
             run_cfg.data[key] = value
         run_cfg.model.init_from = None  # the checkpoint holds every weight the run started from
     try:
-        datamodule, model = build_model(run_cfg)
+        datamodule, model = build_model(run_cfg, fit_first_stage=False)
     except Exception as exc:
         cause = root_cause(exc)
         if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
