@@ -134,6 +134,9 @@ def test_the_refiner_decodes_noisy_latents_closer_to_the_image_than_the_linear_c
 def test_the_refiner_needs_a_fitted_code_and_sane_options():
     with pytest.raises(RuntimeError, match="fit the patch code before its refiner"):
         PatchAutoencoder(latent_channels=4, refiner_width=8).fit_refiner([correlated_images(4)])
+    code = PatchAutoencoder(latent_channels=4, refiner_width=8, refiner_steps=2).fit([correlated_images()])
+    with pytest.raises(ValueError, match="takes refiner_steps=2 batches, its schedule's length; got more"):
+        code.fit_refiner([correlated_images(4)] * 3)
     with pytest.raises(ConfigError, match="generator/first_stage=patch_pca: .*refiner_noise=-1.0 must not be negative"):
         patch_pca_first_stage(latent_channels=8, patch_size=4, refiner_width=8, refiner_noise=-1.0)
 

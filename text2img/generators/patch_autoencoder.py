@@ -158,10 +158,10 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         return self
 
     def fit_refiner(self, batches: Iterable[Tensor], generator: torch.Generator | None = None) -> PatchAutoencoder:
-        """Train the refiner (after `fit`) on `refiner_steps` batches of clean images [B, C, H, W]: one AdamW step
-        each, on the L1 error between the image and the decode of its latents plus noise. It trains in float32
-        whatever the weights' dtype, from weights drawn anew; `generator` draws them and the noise, so a seeded one
-        makes the fit depend on the images alone, as `fit` does."""
+        """Train the refiner (after `fit`) on `refiner_steps` batches of clean images [B, C, H, W] (its learning-rate
+        schedule's length): one AdamW step each, on the L1 error between the image and the decode of its latents
+        plus noise. It trains in float32 whatever the weights' dtype, from weights drawn anew; `generator` draws
+        them and the noise, so a seeded one makes the fit depend on the images alone, as `fit` does."""
         if self.refiner is None:
             return self
         if not self.fitted:
@@ -171,7 +171,9 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         optimizer = torch.optim.AdamW(refiner.parameters(), lr=REFINER_LR, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, REFINER_LR, total_steps=max(steps, 1), pct_start=0.1)
         with torch.enable_grad():
-            for _, images in zip(range(steps), batches):
+            for step, images in enumerate(batches):
+                if step == steps:
+                    raise ValueError(f"fit_refiner takes refiner_steps={steps} batches, its schedule's length; got more")
                 images = images.to(self.mean.device, torch.float32)
                 with torch.no_grad():
                     latents = self.encode(images.to(self.dtype)).latent_dist.mean.float()
