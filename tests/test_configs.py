@@ -238,10 +238,21 @@ def test_the_budget_preset_is_openmoji_ldm_on_a_patch_code_for_fewer_steps(tmp_p
     ldm, budget = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm", "openmoji_ldm_budget"))
     assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (400, 400)
     code = instantiate(budget.generator.first_stage).autoencoder
-    assert isinstance(code, PatchAutoencoder) and code.config.latent_channels == 8
+    assert isinstance(code, PatchAutoencoder) and code.config.latent_channels == 8 and code.config.refiner_width == 96
     for cfg in (ldm, budget):
         del cfg.generator.first_stage, cfg.trainer.max_steps, cfg.trainer.val_check_interval
     assert budget == ldm
+
+
+def test_the_long_preset_is_the_budget_preset_trained_five_times_as_long(tmp_path):
+    """experiment=openmoji_ldm_long is the run its README figures come from: openmoji_ldm on the refined 8-component
+    patch code for 2,000 steps with no time bound."""
+    budget, long = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm_budget", "openmoji_ldm_long"))
+    assert (long.trainer.max_steps, long.trainer.val_check_interval, long.trainer.max_time) == (2000, 1000, None)
+    assert long.generator.first_stage.refiner_width == 96 and long.generator.first_stage.latent_channels == 8
+    for cfg in (budget, long):
+        del cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.trainer.max_time
+    assert long == budget
 
 
 def test_the_openmoji_dit_preset_is_openmoji_ldm_with_a_flow_dit(tmp_path, tiny_first_stage):
