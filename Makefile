@@ -33,7 +33,9 @@ STUDY_SEEDS ?= 0,1,2
 # every cell of experiments/llm_study/conf/cell/ (Hydra's glob() does not see a search path's groups)
 STUDY_CELLS ?= default,tiny,minilm,penultimate,all_layers,concat3,dit,deep_fusion,perceiver,refiner,timestep_aware
 STUDY_OPENMOJI_CELLS ?= default,concat3,minilm,dit,deep_fusion
-STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) 'hydra.searchpath=[file://experiments/llm_study/conf]'
+# The study ran before the patch code had a refiner: it stays off, so that a re-run reproduces the committed results.
+STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) generator.first_stage.refiner_width=0 \
+	'hydra.searchpath=[file://experiments/llm_study/conf]'
 
 # `make demo` opens this checkpoint (default: the newest `make train` run's) beside COMPARE=B[,C...]
 CKPT ?= $(lastword $(sort $(wildcard outputs/train/runs/*/checkpoints/last.ckpt)))
