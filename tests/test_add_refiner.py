@@ -40,7 +40,8 @@ def test_a_refiner_added_afterwards_gives_the_checkpoint_of_a_run_trained_with_i
     assert state.keys() == reference.keys()
     for name, value in reference.items():
         assert torch.equal(state[name], value), name
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(path.name for path in tmp_path.glob("*.ckpt")) == ["added.ckpt"]  # no temporary file left
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_it_refuses_a_checkpoint_without_a_patch_code(tmp_path, monkeypatch):

@@ -17,10 +17,11 @@ import logging
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 
-from text2img.generators.first_stage import patch_pca_first_stage
 from text2img.generators.patch_autoencoder import PatchAutoencoder
 from text2img.run.compose import load_model
+from text2img.utils.files import atomic_path
 
 PREFIX = "generator.first_stage."
 
@@ -39,22 +40,19 @@ def main() -> None:
     first_stage = getattr(model.generator, "first_stage", None)
     if first_stage is None or not isinstance(first_stage.autoencoder, PatchAutoencoder):
         raise SystemExit(f"add_refiner: error: {args.ckpt} is not latent diffusion on a patch code")
-    code = first_stage.autoencoder.config
     options = {"refiner_width": args.width, "refiner_steps": args.steps, "refiner_noise": args.noise}
-    refined = patch_pca_first_stage(
-        code.latent_channels, code.patch_size, code.whitening, str(first_stage.dtype).removeprefix("torch."), **options
-    )
+    config = checkpoint["text2img_config"]["generator"]["first_stage"]  # the run's, resolved: same code, same dtype
+    refined = instantiate({**config, **options})
     refined.load_state_dict(first_stage.state_dict(), strict=False)  # the fitted code; the refiner is new
     refined.fit_to(datamodule.source)  # trains the refiner alone
 
     state = {name: value for name, value in checkpoint["state_dict"].items() if not name.startswith(PREFIX)}
     state.update({PREFIX + name: value for name, value in refined.state_dict().items()})
     checkpoint["state_dict"] = state
-    checkpoint["text2img_config"]["generator"]["first_stage"].update(options)
+    config.update(options)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    torch.save(checkpoint, partial)
-    partial.replace(args.out)  # atomic: a crash leaves no half-written checkpoint under OUT's name
+    with atomic_path(args.out) as tmp:  # a crash leaves no half-written checkpoint under OUT's name
+        torch.save(checkpoint, tmp)
     print(f"{args.out}: {args.ckpt} with a refiner of the patch code's decode ({options})")
 
 
