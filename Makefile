@@ -26,16 +26,16 @@ SLOW ?=
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 # The LLM study (experiments/llm_study): every cell x seed on the shapes benchmark, then the OpenMoji cells, each a
-# Hydra multirun on make train's preset; a re-run skips finished jobs (also with other seeds or cells), and each
-# finished job's figures are committed under experiments/llm_study/results/ as they come. STUDY_OPENMOJI_CELLS=
-# (empty) runs the shapes cells alone.
+# Hydra multirun on the study's pinned model (llm_study_model below); a re-run skips finished jobs (also with other
+# seeds or cells), and each finished job's figures are committed under experiments/llm_study/results/ as they come.
+# STUDY_OPENMOJI_CELLS= (empty) runs the shapes cells alone.
 STUDY_SEEDS ?= 0,1,2
 # every cell of experiments/llm_study/conf/cell/ (Hydra's glob() does not see a search path's groups)
 STUDY_CELLS ?= default,tiny,minilm,penultimate,all_layers,concat3,dit,deep_fusion,perceiver,refiner,timestep_aware
 STUDY_OPENMOJI_CELLS ?= default,concat3,minilm,dit,deep_fusion
-# The study ran before the patch code had a refiner: it stays off, so that a re-run reproduces the committed results.
-STUDY := $(BIN)/python -m text2img.train -m experiment=$(EXPERIMENT) generator.first_stage.refiner_width=0 \
-	'hydra.searchpath=[file://experiments/llm_study/conf]'
+# The study's model is pinned in its own preset (experiments/llm_study/conf/experiment/llm_study_model.yaml: make
+# train's as it was when the study ran), so that a re-run reproduces the committed results whatever make train becomes.
+STUDY := $(BIN)/python -m text2img.train -m experiment=llm_study_model 'hydra.searchpath=[file://experiments/llm_study/conf]'
 
 # `make demo` opens this checkpoint (default: the newest `make train` run's) beside COMPARE=B[,C...]
 CKPT ?= $(lastword $(sort $(wildcard outputs/train/runs/*/checkpoints/last.ckpt)))

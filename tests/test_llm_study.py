@@ -29,8 +29,25 @@ FACTOR_KEYS = {
 
 
 def study_config(tmp_path: Path, cell: str, *extra: str) -> dict:
-    cfg = compose_train(tmp_path, ["experiment=openmoji_ldm_budget", SEARCH_PATH, "+llm_study=shapes", f"+cell={cell}", *extra])
+    cfg = compose_train(tmp_path, ["experiment=llm_study_model", SEARCH_PATH, "+llm_study=shapes", f"+cell={cell}", *extra])
     return flatten(OmegaConf.to_container(cfg, resolve=False))
+
+
+def test_the_study_model_stays_the_one_its_results_came_from(tmp_path: Path) -> None:
+    """The committed results came from make train's model of 2026-12-07, pinned by the study's own preset (not make
+    train's, which moved on): openmoji_ldm's UNet and v-prediction on the linear 8-component patch code, 400 steps."""
+    ldm = compose_train(tmp_path, ["experiment=openmoji_ldm"])
+    study = compose_train(tmp_path, ["experiment=llm_study_model", SEARCH_PATH])
+    assert (study.trainer.max_steps, study.trainer.val_check_interval) == (400, 400)
+    first_stage = study.generator.first_stage
+    assert first_stage._target_.endswith("patch_pca_first_stage")
+    assert (first_stage.latent_channels, first_stage.refiner_width) == (8, 0)
+    assert list(study.generator.denoiser.unet.block_out_channels) == [64, 128, 128]
+    assert (study.generator.objective, study.generator.sample_steps, study.generator.guidance_scale) == ("v_prediction", 12, 7.0)
+    for cfg in (ldm, study):
+        del cfg.generator.first_stage, cfg.trainer.max_steps, cfg.trainer.val_check_interval
+    for part in ("encoder", "fusion", "model", "generator", "trainer", "data"):
+        assert study[part] == ldm[part], part
 
 
 @pytest.mark.parametrize("cell", CELLS)
