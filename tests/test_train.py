@@ -97,6 +97,19 @@ def test_unknown_option_in_a_sweep_or_list_is_found():
     assert unknown_choice(["encoder=minilm", "trainer.max_steps=5", "+experiment=openmoji_gpu", "debug=null"]) is None
 
 
+def test_an_option_from_a_search_path_folder_is_known(tmp_path):
+    """A study adds its own presets with hydra.searchpath (experiments/llm_study: experiment=llm_study_model); the
+    check counts that folder's options, in either order of the arguments, and still names a typo with them."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "my_study.yaml").write_text("# @package _global_\n")
+    path = f"hydra.searchpath=[file://{tmp_path}]"
+    assert unknown_choice(["experiment=my_study"]) is not None
+    assert unknown_choice(["experiment=my_study", path]) is None
+    assert unknown_choice([path, "-m", "experiment=my_study,openmoji_ldm"]) is None
+    error = unknown_choice([path, "experiment=my_studdy"])
+    assert error.startswith("text2img: error: unknown experiment 'my_studdy'; choose one of:") and "my_study" in error
+
+
 def one_line_error(exc: pytest.ExceptionInfo) -> str:
     message = str(exc.value.code)
     assert message.startswith("text2img: error: ") and "\n" not in message, message
