@@ -230,26 +230,30 @@ def test_the_openmoji_ldm_flow_preset_is_openmoji_ldm_on_openmoji_dits_objective
     assert flow.trainer == ldm.trainer and flow.first_stage_run == ldm.first_stage_run
 
 
-def test_the_budget_preset_is_openmoji_ldm_on_a_patch_code_for_fewer_steps(tmp_path):
-    """experiment=openmoji_ldm_budget (make train's) changes openmoji_ldm's first stage and length only: the same
-    encoder, fusion head, UNet, objective, sampler and optimizer, so the two compare at their own budgets."""
+def test_the_budget_preset_is_openmoji_ldm_flow_on_a_patch_code_with_a_narrower_unet(tmp_path):
+    """experiment=openmoji_ldm_budget (make train's) changes openmoji_ldm_flow's first stage, the UNet's widths, the
+    learning rate and the length only: the same encoder, fusion head, objective, sampler and schedule, so the two
+    compare at their own budgets."""
     from text2img.generators.patch_autoencoder import PatchAutoencoder
 
-    ldm, budget = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm", "openmoji_ldm_budget"))
-    assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (400, 400)
+    flow, budget = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm_flow", "openmoji_ldm_budget"))
+    assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (720, 720)
+    assert list(budget.generator.denoiser.unet.block_out_channels) == [32, 64, 64]
+    assert list(flow.generator.denoiser.unet.block_out_channels) == [64, 128, 128]
+    assert (budget.model.optimizer.lr, flow.model.optimizer.lr) == (2e-3, 1e-3)
     code = instantiate(budget.generator.first_stage).autoencoder
     assert isinstance(code, PatchAutoencoder) and code.config.latent_channels == 8 and code.config.refiner_width == 96
-    for cfg in (ldm, budget):
-        del cfg.generator.first_stage, cfg.trainer.max_steps, cfg.trainer.val_check_interval
-    assert budget == ldm
+    for cfg in (flow, budget):
+        del cfg.generator.first_stage, cfg.generator.denoiser.unet.block_out_channels, cfg.model.optimizer.lr
+        del cfg.trainer.max_steps, cfg.trainer.val_check_interval
+    assert budget == flow
 
 
-def test_the_long_preset_is_the_budget_preset_trained_five_times_as_long(tmp_path):
-    """experiment=openmoji_ldm_long is the run its README figures come from: openmoji_ldm on the refined 8-component
-    patch code for 2,000 steps with no time bound."""
+def test_the_long_preset_is_the_budget_preset_trained_longer(tmp_path):
+    """experiment=openmoji_ldm_long is make train's model for 2,000 steps with no time bound, validated once at the
+    end as the runs its README figures come from."""
     budget, long = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm_budget", "openmoji_ldm_long"))
-    assert (long.trainer.max_steps, long.trainer.val_check_interval, long.trainer.max_time) == (2000, 1000, None)
-    assert long.generator.first_stage.refiner_width == 96 and long.generator.first_stage.latent_channels == 8
+    assert (long.trainer.max_steps, long.trainer.val_check_interval, long.trainer.max_time) == (2000, 2000, None)
     for cfg in (budget, long):
         del cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.trainer.max_time
     assert long == budget

@@ -52,6 +52,14 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "dit": ["generator=dit"],
         "dit flow": ["generator=dit", "generator.objective=flow"],
     },
+    # make train's denoiser against the full-width one it replaced, on make train's latents (the refiner, which no
+    # training step runs, off: it would be trained for every build)
+    "budget": {
+        "unet 32/64/64 flow (make train)": ["experiment=openmoji_ldm_budget", "generator.first_stage.refiner_width=0"],
+        "unet 64/128/128 v_prediction": ["experiment=openmoji_ldm_budget", "generator.first_stage.refiner_width=0",
+                                         "generator.denoiser.unet.block_out_channels=[64,128,128]",
+                                         "generator.objective=v_prediction"],
+    },
 }
 
 
