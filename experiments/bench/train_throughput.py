@@ -42,6 +42,7 @@ from text2img.run.compose import build_model as build_run  # noqa: E402
 from text2img.types import Batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+# make train's run as the loops below can time it (see the "budget" suite)
 BUDGET = ["experiment=openmoji_ldm_budget", "generator.first_stage.refiner_width=0", "generator.cache_latents=false",
           "generator.latent_scale=1.0"]
 # Named override sets compared side by side by --suite; the first is the reference of the per-parameter

@@ -16,8 +16,8 @@ def search_path(args: list[str]) -> list[Path]:
     for arg in args:
         key, _, value = arg.partition("=")
         if key == "hydra.searchpath":
-            folders += [Path(item.strip().strip("'\"").removeprefix("file://")) for item in value.strip("[]").split(",")
-                        if item.strip().strip("'\"").startswith("file://")]
+            items = (item.strip().strip("'\"") for item in value.strip("[]").split(","))
+            folders += [Path(item.removeprefix("file://")) for item in items if item.startswith("file://")]
     return folders
 
 
