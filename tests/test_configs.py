@@ -230,30 +230,37 @@ def test_the_openmoji_ldm_flow_preset_is_openmoji_ldm_on_openmoji_dits_objective
     assert flow.trainer == ldm.trainer and flow.first_stage_run == ldm.first_stage_run
 
 
-def test_the_budget_preset_is_openmoji_ldm_flow_on_a_patch_code_with_a_narrower_unet(tmp_path):
-    """experiment=openmoji_ldm_budget (make train's) changes openmoji_ldm_flow's first stage, the UNet's widths, the
-    learning rate and the length only: the same encoder, fusion head, objective, sampler and schedule, so the two
-    compare at their own budgets."""
+def test_the_budget_preset_is_openmoji_ldm_flow_on_a_patch_code_with_a_dit(tmp_path):
+    """experiment=openmoji_ldm_budget (make train's) changes openmoji_ldm_flow's first stage, its denoiser (the UNet
+    for the DiT over 2x2 latent patches), the guidance, the learning rate and the length only: the same encoder, fusion head,
+    objective, sampler and schedule, so the two compare at their own budgets."""
+    from text2img.generators.denoisers import DiTDenoiser
     from text2img.generators.patch_autoencoder import PatchAutoencoder
 
     flow, budget = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm_flow", "openmoji_ldm_budget"))
-    assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (720, 720)
-    assert list(budget.generator.denoiser.unet.block_out_channels) == [32, 64, 64]
-    assert list(flow.generator.denoiser.unet.block_out_channels) == [64, 128, 128]
-    assert (budget.model.optimizer.lr, flow.model.optimizer.lr) == (2e-3, 1e-3)
+    assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (1100, 1100)
+    assert (budget.generator.patch_size, flow.generator.patch_size) == (2, 1)
+    assert (budget.model.optimizer.lr, flow.model.optimizer.lr) == (3e-3, 1e-3)
+    assert (budget.generator.guidance_scale, flow.generator.guidance_scale) == (3.0, 5.0)
     code = instantiate(budget.generator.first_stage).autoencoder
     assert isinstance(code, PatchAutoencoder) and code.config.latent_channels == 8 and code.config.refiner_width == 96
+    generator = instantiate(budget.generator)
+    assert isinstance(generator.denoiser, DiTDenoiser)
+    dit = generator.denoiser.transformer.config
+    assert (dit.num_layers, dit.num_attention_heads * dit.attention_head_dim, dit.patch_size) == (6, 128, 2)
+    assert (dit.in_channels, dit.sample_size) == (8, 8)  # 8x8 latents of 8 channels: 16 tokens
     for cfg in (flow, budget):
-        del cfg.generator.first_stage, cfg.generator.denoiser.unet.block_out_channels, cfg.model.optimizer.lr
+        del cfg.generator.first_stage, cfg.generator.denoiser, cfg.generator.patch_size, cfg.generator.guidance_scale
+        del cfg.model.optimizer.lr
         del cfg.trainer.max_steps, cfg.trainer.val_check_interval
     assert budget == flow
 
 
 def test_the_long_preset_is_the_budget_preset_trained_longer(tmp_path):
-    """experiment=openmoji_ldm_long is make train's model for 2,000 steps with no time bound, validated once at the
+    """experiment=openmoji_ldm_long is make train's model for 3,000 steps with no time bound, validated once at the
     end as the runs its README figures come from."""
     budget, long = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm_budget", "openmoji_ldm_long"))
-    assert (long.trainer.max_steps, long.trainer.val_check_interval, long.trainer.max_time) == (2000, 2000, None)
+    assert (long.trainer.max_steps, long.trainer.val_check_interval, long.trainer.max_time) == (3000, 3000, None)
     for cfg in (budget, long):
         del cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.trainer.max_time
     assert long == budget

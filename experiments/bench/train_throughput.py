@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # make train's run as the loops below can time it (see the "budget" suite)
 BUDGET = ["experiment=openmoji_ldm_budget", "generator.first_stage.refiner_width=0", "generator.cache_latents=false",
           "generator.latent_scale=1.0"]
+# make train's denoiser before 2026-12-07 night: the narrow UNet on unpatched latents
+UNET_32 = ["generator/denoiser=unet", "generator.patch_size=1", "generator.denoiser.unet.block_out_channels=[32,64,64]"]
 # Named override sets compared side by side by --suite; the first is the reference of the per-parameter
 # column.
 SUITES: dict[str, dict[str, list[str]]] = {
@@ -55,13 +57,14 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "dit": ["generator=dit"],
         "dit flow": ["generator=dit", "generator.objective=flow"],
     },
-    # make train's denoiser against the full-width one it replaced, on make train's patch-code latents. The refiner,
-    # which no training step runs, is off (it would be trained for every build); each step encodes its batch (a
-    # linear map) instead of reading the latent cache, and the latent scale is fixed at 1 (the code is whitened to
-    # unit variance) instead of calibrated at fit start: the loops here do neither.
+    # make train's denoiser (the DiT over 2x2 latent patches) against the two UNets it replaced, on make train's
+    # patch-code latents. The refiner, which no training step runs, is off (it would be trained for every build); each
+    # step encodes its batch (a linear map) instead of reading the latent cache, and the latent scale is fixed at 1
+    # (the code is whitened to unit variance) instead of calibrated at fit start: the loops here do neither.
     "budget": {
-        "unet 32/64/64 flow (make train)": BUDGET,
-        "unet 64/128/128 v_prediction": [*BUDGET, "generator.denoiser.unet.block_out_channels=[64,128,128]",
+        "dit 6x128 p2 flow (make train)": BUDGET,
+        "unet 32/64/64 flow": [*BUDGET, *UNET_32],
+        "unet 64/128/128 v_prediction": [*BUDGET, *UNET_32, "generator.denoiser.unet.block_out_channels=[64,128,128]",
                                          "generator.objective=v_prediction"],
     },
 }
