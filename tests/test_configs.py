@@ -238,7 +238,7 @@ def test_the_budget_preset_is_openmoji_ldm_flow_on_a_patch_code_with_a_dit(tmp_p
     from text2img.generators.patch_autoencoder import PatchAutoencoder
 
     flow, budget = (compose_train(tmp_path, [f"experiment={name}"]) for name in ("openmoji_ldm_flow", "openmoji_ldm_budget"))
-    assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (1100, 1100)
+    assert (budget.trainer.max_steps, budget.trainer.val_check_interval) == (1000, 1000)
     assert (budget.generator.patch_size, flow.generator.patch_size) == (2, 1)
     assert (budget.model.optimizer.lr, flow.model.optimizer.lr) == (3e-3, 1e-3)
     assert (budget.generator.guidance_scale, flow.generator.guidance_scale) == (3.0, 5.0)
