@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
 
 # `make train` runs this preset: experiments/backends' latent diffusion cut to 10 minutes on the slowest 2-core
 # machine we know (experiments/default_model, "make train within the budget"); `EXPERIMENT=openmoji_ldm_long` is the
-# same model trained 2,000 steps (~7 minutes on an AVX512 machine), `EXPERIMENT=` the bare config (pixel diffusion),
+# same model trained 3,000 steps (~5 minutes on an AVX512 machine), `EXPERIMENT=` the bare config (pixel diffusion),
 # `EXPERIMENT=openmoji_gan` another.
 EXPERIMENT ?= openmoji_ldm_budget
 ARGS ?=

@@ -232,8 +232,8 @@ def test_the_openmoji_ldm_flow_preset_is_openmoji_ldm_on_openmoji_dits_objective
 
 def test_the_budget_preset_is_openmoji_ldm_flow_on_a_patch_code_with_a_dit(tmp_path):
     """experiment=openmoji_ldm_budget (make train's) changes openmoji_ldm_flow's first stage, its denoiser (the UNet
-    for the DiT over 2x2 latent patches), the guidance, the learning rate and the length only: the same encoder, fusion head,
-    objective, sampler and schedule, so the two compare at their own budgets."""
+    for the DiT over 2x2 latent patches), the guidance, the learning rate and the length only: the same encoder,
+    fusion head, objective, sampler and schedule, so the two compare at their own budgets."""
     from text2img.generators.denoisers import DiTDenoiser
     from text2img.generators.patch_autoencoder import PatchAutoencoder
 
