@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # make train's run as the loops below can time it (see the "budget" suite)
 BUDGET = ["experiment=openmoji_ldm_budget", "generator.first_stage.refiner_width=0", "generator.cache_latents=false",
           "generator.latent_scale=1.0"]
-# make train's denoiser before 2026-12-07 night: the narrow UNet on unpatched latents
-UNET_32 = ["generator/denoiser=unet", "generator.patch_size=1", "generator.denoiser.unet.block_out_channels=[32,64,64]"]
+# the UNet on unpatched latents instead of make train's DiT (its config's widths: 64/128/128)
+UNET = ["generator/denoiser=unet", "generator.patch_size=1"]
 # Named override sets compared side by side by --suite; the first is the reference of the per-parameter
 # column.
 SUITES: dict[str, dict[str, list[str]]] = {
@@ -63,9 +63,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
     # (the code is whitened to unit variance) instead of calibrated at fit start: the loops here do neither.
     "budget": {
         "dit 6x128 p2 flow (make train)": BUDGET,
-        "unet 32/64/64 flow": [*BUDGET, *UNET_32],
-        "unet 64/128/128 v_prediction": [*BUDGET, *UNET_32, "generator.denoiser.unet.block_out_channels=[64,128,128]",
-                                         "generator.objective=v_prediction"],
+        "unet 32/64/64 flow": [*BUDGET, *UNET, "generator.denoiser.unet.block_out_channels=[32,64,64]"],
+        "unet 64/128/128 v_prediction": [*BUDGET, *UNET, "generator.objective=v_prediction"],
     },
 }
 
